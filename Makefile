@@ -1,0 +1,37 @@
+# kubevirt-shim: the two commands a newcomer needs are `make demo` and `make test`.
+# Every target installs what it needs first (Debian, as root) and caches heavy results
+# outside the clone under $(KUBEVIRT_CACHE).
+
+SHELL := /bin/bash
+export KUBEVIRT_CACHE ?= /var/cache/kubevirt-shim
+CARGO ?= cargo
+GUEST_DIR := target/guest
+
+.PHONY: all deps build guest test lint bench demo clean
+
+all: build
+
+# System packages: QEMU (the `qemu` back end and the benchmark peer), kernel source and
+# its build tools, binutils for the tiny test guests.
+deps:
+	@./scripts/deps.sh
+
+build:
+	$(CARGO) build --workspace --release
+
+# Guest kernel (cached by source version + config fragment) and initramfs.
+guest: deps
+	@./guest-kernel/build.sh $(GUEST_DIR)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
+
+test: deps guest lint
+	$(CARGO) test --workspace --release -- --test-threads=2
+
+bench: deps guest build
+	@./scripts/bench.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,8 @@
+//! Virtio device models for kubevirt-shim microVMs.
+//!
+//! Each device is written once against `virtio-queue` queues, guest memory and the narrow
+//! [`virtio::Interrupt`] trait, and never learns its transport: the builtin VMM serves it over
+//! virtio-mmio, and the `qemu` back end over vhost-user.
+
+pub mod rng;
+pub mod virtio;

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build, tests and benchmarks need; quick when present.
+set -euo pipefail
+
+pkgs=(
+  build-essential binutils cpio xz-utils     # tiny test guests, initramfs
+  linux-source-6.1 flex bison bc libelf-dev libssl-dev  # guest kernel
+  qemu-system-x86                              # `qemu` back end, benchmark peer
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: missing packages ${missing[*]}; run as root (apt-get install) or install them" >&2
+    exit 1
+  fi
+  echo "deps: installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "deps: cargo not found on PATH" >&2; exit 1; }

@@ -1,0 +1,22 @@
+//! The kubevirt-shim microVMM: a small KVM virtual machine monitor, used as a library by the
+//! shim (one VM per pod) and by the `kubevirt-vmm` debugging and benchmark binary.
+//!
+//! ```text
+//! VmConfig --build_microvm--> Vmm --start--> VmHandle (pause / resume / stop / wait -> VmExit)
+//! ```
+
+pub mod arch;
+pub mod boot;
+pub mod builder;
+pub mod bus;
+pub mod config;
+pub mod doctor;
+pub mod legacy;
+pub mod vcpu;
+pub mod virtio_mmio;
+pub mod vm;
+pub mod vmm;
+
+pub use builder::{build_microvm, BuildError};
+pub use config::{SerialInputSource, SerialOutput, VmConfig, DEFAULT_CMDLINE};
+pub use vmm::{VmExit, VmHandle, Vmm, VmmError};

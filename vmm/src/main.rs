@@ -1,0 +1,137 @@
+//! `kubevirt-vmm`: run a microVM from the command line, or check the host (`doctor`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use lexopt::prelude::*;
+use vmm::arch::cpuid::parse_features;
+use vmm::doctor;
+use vmm::{SerialInputSource, SerialOutput, VmConfig};
+
+const USAGE: &str = "\
+usage: kubevirt-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB]
+                        [--vcpus N] [--hugepages] [--cpu-hide FEATURES]
+                        [--serial-out FILE] [--serial-in stdin|unix:PATH] [--rng]
+       kubevirt-vmm doctor [--verdict]
+
+run     boots the kernel (ELF vmlinux or bzImage) with the console on stdout (or FILE);
+        exits 0 when the guest resets or powers off, non-zero with the reason otherwise.
+        --cpu-hide takes a comma list of: xsave, cx16, avx, pmu.
+doctor  checks /dev/kvm, runs a calibration guest and says whether guest code runs
+        natively or emulated, and which machine back end `auto` chooses.
+        --verdict prints only that back end (builtin or qemu).";
+
+fn parse_run(mut p: lexopt::Parser) -> Result<VmConfig> {
+    let mut kernel: Option<PathBuf> = None;
+    let mut cfg = VmConfig::new("");
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("kernel") => kernel = Some(p.value()?.into()),
+            Long("initrd") => cfg.initrd = Some(p.value()?.into()),
+            Long("cmdline") => cfg.cmdline = p.value()?.string()?,
+            Long("memory") => cfg.memory_mib = p.value()?.parse().context("--memory takes MiB")?,
+            Long("vcpus") => cfg.vcpus = p.value()?.parse().context("--vcpus takes 1 to 254")?,
+            Long("hugepages") => cfg.hugepages = true,
+            Long("rng") => cfg.rng = true,
+            Long("cpu-hide") => cfg.hidden_cpu_features = parse_features(&p.value()?.string()?)?,
+            Long("serial-out") => cfg.serial_output = SerialOutput::File(p.value()?.into()),
+            Long("serial-in") => {
+                let v = p.value()?.string()?;
+                cfg.serial_input = Some(match v.strip_prefix("unix:") {
+                    Some(path) => SerialInputSource::Socket(path.into()),
+                    None if v == "stdin" => SerialInputSource::Stdin,
+                    None => bail!("--serial-in {v:?}: expected stdin or unix:PATH"),
+                });
+            }
+            Long("help") | Short('h') => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    cfg.kernel = kernel.context("run needs --kernel PATH")?;
+    Ok(cfg)
+}
+
+fn run(p: lexopt::Parser) -> Result<ExitCode> {
+    let cfg = parse_run(p)?;
+    let exit = vmm::build_microvm(cfg)?.run()?;
+    if !exit.is_clean() {
+        eprintln!("kubevirt-vmm: {exit}");
+    }
+    Ok(ExitCode::from(exit.exit_code() as u8))
+}
+
+fn doctor_cmd(mut p: lexopt::Parser) -> Result<ExitCode> {
+    let mut verdict_only = false;
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("verdict") => verdict_only = true,
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let checks = doctor::kvm_checks();
+    let kvm_ok = checks.iter().all(|c| c.ok);
+    if !verdict_only {
+        for c in &checks {
+            println!(
+                "{:<28} {:<4} {}",
+                c.name,
+                if c.ok { "ok" } else { "FAIL" },
+                c.detail
+            );
+        }
+    }
+    if !kvm_ok {
+        if verdict_only {
+            println!("qemu");
+        }
+        println!("verdict: KVM is not usable here; `auto` chooses qemu (TCG)");
+        return Ok(ExitCode::from(1));
+    }
+    let cal = doctor::calibrate().context("calibration guest")?;
+    let (backend, why) = doctor::choose_backend(&cal);
+    if verdict_only {
+        println!("{backend}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<28} {:<4} {} instructions in {:.3} ms = {:.1} M/s",
+        "calibration guest",
+        "ok",
+        doctor::CALIBRATION_INSTRUCTIONS,
+        cal.elapsed.as_secs_f64() * 1e3,
+        cal.instructions_per_sec / 1e6
+    );
+    println!(
+        "guest code:                  {}",
+        if cal.native() { "native" } else { "emulated" }
+    );
+    println!("machine back end (auto):     {backend}: {why}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let mut p = lexopt::Parser::from_env();
+    let result = match p.next() {
+        Ok(Some(Value(cmd))) if cmd == "run" => run(p),
+        Ok(Some(Value(cmd))) if cmd == "doctor" => doctor_cmd(p),
+        Ok(Some(Long("help") | Short('h'))) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(64);
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kubevirt-vmm: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

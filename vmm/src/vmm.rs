@@ -1,0 +1,309 @@
+//! A built microVM and its life: start, pause/resume/stop from the embedding program, and
+//! the exit status once the guest resets or fails.
+
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bus::lock;
+use crate::vcpu::{Vcpu, VcpuError, VcpuExitReason, VcpuHandle, VcpuRequest, VcpuState};
+use crate::vm::Vm;
+
+/// Errors of a running VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("event loop failed: {0}")]
+    EventLoop(event_manager::Error),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot start the vmm thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset itself (i8042 or KVM reset event): a clean end.
+    Reset,
+    /// The guest powered off.
+    Poweroff,
+    /// The embedding program stopped the VM.
+    Stopped,
+    /// A vCPU failed: triple fault, emulation failure, entry failure, KVM error.
+    Fault { vcpu: u8, reason: VcpuExitReason },
+    /// The VMM itself failed.
+    Error(String),
+}
+
+impl VmExit {
+    /// True for the clean ends (reset, poweroff, stop).
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Self::Reset | Self::Poweroff | Self::Stopped)
+    }
+
+    /// Process exit code for `kubevirt-vmm run`: 0 for clean ends.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Reset | Self::Poweroff | Self::Stopped => 0,
+            Self::Fault {
+                reason: VcpuExitReason::TripleFault { .. },
+                ..
+            } => 2,
+            Self::Fault {
+                reason: VcpuExitReason::InternalError { .. },
+                ..
+            } => 3,
+            Self::Fault { .. } => 4,
+            Self::Error(_) => 5,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reset => f.write_str("guest reset"),
+            Self::Poweroff => f.write_str("guest powered off"),
+            Self::Stopped => f.write_str("stopped by the VMM"),
+            Self::Fault { vcpu, reason } => match reason {
+                VcpuExitReason::TripleFault { rip } => {
+                    write!(
+                        f,
+                        "vcpu{vcpu}: triple fault (KVM_EXIT_SHUTDOWN) at rip {rip:#x}"
+                    )
+                }
+                VcpuExitReason::InternalError { suberror: 1, rip } => write!(
+                    f,
+                    "vcpu{vcpu}: KVM could not emulate an instruction at rip {rip:#x} \
+                     (KVM_EXIT_INTERNAL_ERROR, emulation failure)"
+                ),
+                VcpuExitReason::InternalError { suberror, rip } => {
+                    write!(
+                        f,
+                        "vcpu{vcpu}: KVM internal error {suberror} at rip {rip:#x}"
+                    )
+                }
+                VcpuExitReason::FailEntry { reason } => {
+                    write!(
+                        f,
+                        "vcpu{vcpu}: VM entry failed, hardware reason {reason:#x}"
+                    )
+                }
+                VcpuExitReason::Kvm(e) => write!(f, "vcpu{vcpu}: KVM_RUN failed: {e}"),
+                VcpuExitReason::Unhandled(e) => write!(f, "vcpu{vcpu}: unhandled exit {e}"),
+                other => write!(f, "vcpu{vcpu}: {other:?}"),
+            },
+            Self::Error(e) => write!(f, "VMM error: {e}"),
+        }
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) event_manager: EventManager<Subscriber>,
+    pub(crate) reset_evt: EventFd,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .finish()
+    }
+}
+
+/// Shared by the embedding program's handle and the VMM thread.
+#[derive(Debug)]
+struct Control {
+    vcpus: Vec<VcpuHandle>,
+    stop_evt: EventFd,
+}
+
+impl Control {
+    fn request_all(&self, req: VcpuRequest) -> Result<Vec<VcpuState>, VcpuError> {
+        self.vcpus.iter().map(|v| v.request(req)).collect()
+    }
+}
+
+/// Wakes the event loop on reset, vCPU exit or stop, and records the VM's end.
+struct ExitWatcher {
+    reset_evt: EventFd,
+    vcpu_exit_evt: EventFd,
+    stop_evt: EventFd,
+    exits: Receiver<(u8, VcpuExitReason)>,
+    result: Arc<Mutex<Option<VmExit>>>,
+}
+
+const RESET: u32 = 1;
+const VCPU_EXIT: u32 = 2;
+const STOP: u32 = 3;
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, data) in [
+            (&self.reset_evt, RESET),
+            (&self.vcpu_exit_evt, VCPU_EXIT),
+            (&self.stop_evt, STOP),
+        ] {
+            if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
+                *lock(&self.result) = Some(VmExit::Error(format!("cannot watch exit events: {e}")));
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let exit = match events.data() {
+            RESET => {
+                let _ = self.reset_evt.read();
+                VmExit::Reset
+            }
+            VCPU_EXIT => {
+                let _ = self.vcpu_exit_evt.read();
+                match self.exits.try_recv() {
+                    Ok((_, VcpuExitReason::Reset)) => VmExit::Reset,
+                    Ok((_, VcpuExitReason::Poweroff)) => VmExit::Poweroff,
+                    Ok((vcpu, reason)) => VmExit::Fault { vcpu, reason },
+                    Err(_) => return,
+                }
+            }
+            _ => {
+                let _ = self.stop_evt.read();
+                VmExit::Stopped
+            }
+        };
+        let mut r = lock(&self.result);
+        if r.is_none() {
+            *r = Some(exit);
+        }
+    }
+}
+
+/// The embedding program's handle on a running VM.
+#[derive(Debug)]
+pub struct VmHandle {
+    control: Arc<Control>,
+    thread: Option<JoinHandle<VmExit>>,
+}
+
+impl VmHandle {
+    /// Pauses every vCPU; returns once all are out of the guest.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.control.request_all(VcpuRequest::Pause).map(|_| ())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.control.request_all(VcpuRequest::Resume).map(|_| ())
+    }
+
+    /// Asks the VM to stop; `wait` then returns `VmExit::Stopped` (unless it had already ended).
+    pub fn stop(&self) {
+        let _ = self.control.stop_evt.write(1);
+    }
+
+    /// Waits for the VM to end and returns how it ended.
+    pub fn wait(mut self) -> VmExit {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(exit)) => exit,
+            _ => VmExit::Error("the vmm thread panicked".into()),
+        }
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Vmm {
+    /// Guest memory, for embedding programs and tests that inspect the guest.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The KVM VM, for device attachment by embedding programs.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    fn launch(self) -> Result<(Arc<Control>, impl FnOnce() -> VmExit), VmmError> {
+        let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        let vcpu_exit_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+        let Vmm {
+            vm,
+            mem,
+            vcpus,
+            mut event_manager,
+            reset_evt,
+        } = self;
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let evt = vcpu_exit_evt.try_clone().map_err(VmmError::EventFd)?;
+            handles.push(vcpu.start(exit_tx.clone(), evt)?);
+        }
+        let control = Arc::new(Control {
+            vcpus: handles,
+            stop_evt: stop_evt.try_clone().map_err(VmmError::EventFd)?,
+        });
+        let result = Arc::new(Mutex::new(None));
+        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            reset_evt,
+            vcpu_exit_evt,
+            stop_evt,
+            exits: exit_rx,
+            result: result.clone(),
+        })));
+        let ctl = control.clone();
+        let run = move || {
+            let exit = loop {
+                if let Some(exit) = lock(&result).take() {
+                    break exit;
+                }
+                if let Err(e) = event_manager.run() {
+                    break VmExit::Error(VmmError::EventLoop(e).to_string());
+                }
+            };
+            let _ = ctl.request_all(VcpuRequest::Stop);
+            ctl.vcpus.iter().for_each(VcpuHandle::join);
+            // The VM and its memory outlive every vCPU thread.
+            drop((vm, mem));
+            exit
+        };
+        Ok((control, run))
+    }
+
+    /// Starts the vCPUs and runs the event loop on the calling thread until the VM ends.
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        let (_control, run) = self.launch()?;
+        Ok(run())
+    }
+
+    /// Starts the vCPUs and a `vmm` thread for the event loop; returns a handle.
+    pub fn start(self) -> Result<VmHandle, VmmError> {
+        let (control, run) = self.launch()?;
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(run)
+            .map_err(VmmError::Spawn)?;
+        Ok(VmHandle {
+            control,
+            thread: Some(thread),
+        })
+    }
+}
