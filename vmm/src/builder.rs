@@ -228,6 +228,18 @@ fn configure_system_for_boot(
     Ok(paging::setup_identity_map(mem)?)
 }
 
+/// Reads CPUID back: some KVM flavours force flags on whatever the VMM set.
+fn warn_forced_features(fd: &kvm_ioctls::VcpuFd, hidden: &[cpuid::CpuFeature]) {
+    if let Ok(got) = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES) {
+        let forced = cpuid::still_visible(&got, hidden);
+        if !forced.is_empty() {
+            log::warn!(
+                "KVM keeps CPU features {forced:?} visible to the guest although they were hidden"
+            );
+        }
+    }
+}
+
 /// Creates every vCPU with its CPUID, MSRs, FPU and LAPIC; the first one at the kernel entry.
 fn create_vcpus(
     vm: &Vm,
@@ -251,6 +263,9 @@ fn create_vcpus(
                 },
             );
             fd.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
+            if id == 0 && !config.hidden_cpu_features.is_empty() {
+                warn_forced_features(&fd, &config.hidden_cpu_features);
+            }
             regs::setup_common(&fd)?;
             if id == 0 {
                 regs::setup_boot_cpu(&fd, entry, cr3)?;

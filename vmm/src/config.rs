@@ -7,8 +7,8 @@ use crate::arch::cpuid::CpuFeature;
 pub use crate::legacy::SerialInputSource;
 
 /// Command line used when none is given: serial console, keyboard-controller reboot (which
-/// ends the VM), no PCI probing, panic reboots at once.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// ends the VM), panic reboots at once.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 /// Where the guest's console output goes.
 pub enum SerialOutput {

@@ -13,8 +13,6 @@ use kvm_ioctls::{Cap, Kvm};
 use crate::config::{SerialOutput, VmConfig};
 use crate::vm::REQUIRED_CAPS;
 
-/// The calibration guest, assembled from `guests/calibrate.S` at build time.
-pub const CALIBRATION_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/calibrate.elf"));
 /// Instructions the calibration guest runs between its two marks (2 per loop iteration).
 pub const CALIBRATION_INSTRUCTIONS: u64 = 2 * 100_000;
 /// Below this rate guest code is emulated: hardware virtualization runs ~1e9/s, KVM's
@@ -88,7 +86,7 @@ fn guest_image() -> Result<File, DoctorError> {
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     let mut file = unsafe { File::from_raw_fd(fd) };
-    file.write_all(CALIBRATION_GUEST)
+    file.write_all(crate::guests::CALIBRATE)
         .map_err(DoctorError::Image)?;
     Ok(file)
 }
@@ -176,18 +174,16 @@ pub fn kvm_checks() -> Vec<Check> {
             },
         });
     }
-    for (cap, name) in [(Cap::TscDeadlineTimer, "TSC_DEADLINE_TIMER")] {
-        let ok = kvm.check_extension(cap);
-        out.push(Check {
-            name: format!("KVM_CAP_{name}"),
-            ok: true,
-            detail: if ok {
-                "present".into()
-            } else {
-                "missing (optional)".into()
-            },
-        });
-    }
+    let tsc = kvm.check_extension(Cap::TscDeadlineTimer);
+    out.push(Check {
+        name: "KVM_CAP_TSC_DEADLINE_TIMER".into(),
+        ok: true,
+        detail: if tsc {
+            "present".into()
+        } else {
+            "missing (optional)".into()
+        },
+    });
     out.push(Check {
         name: "max vCPUs".into(),
         ok: true,

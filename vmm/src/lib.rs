@@ -11,6 +11,7 @@ pub mod builder;
 pub mod bus;
 pub mod config;
 pub mod doctor;
+pub mod guests;
 pub mod legacy;
 pub mod vcpu;
 pub mod virtio_mmio;

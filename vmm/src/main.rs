@@ -113,7 +113,37 @@ fn doctor_cmd(mut p: lexopt::Parser) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Log records to stderr; `KUBEVIRT_VMM_LOG=debug|info|warn|error` sets the level.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!(
+                "kubevirt-vmm: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_log() {
+    let level = std::env::var("KUBEVIRT_VMM_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&StderrLog).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
 fn main() -> ExitCode {
+    init_log();
     let mut p = lexopt::Parser::from_env();
     let result = match p.next() {
         Ok(Some(Value(cmd))) if cmd == "run" => run(p),

@@ -212,12 +212,31 @@ impl VmHandle {
         let _ = self.control.stop_evt.write(1);
     }
 
-    /// Waits for the VM to end and returns how it ended.
-    pub fn wait(mut self) -> VmExit {
+    /// Waits up to `timeout` for the VM to end; `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: std::time::Duration) -> Option<VmExit> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            match &self.thread {
+                Some(t) if t.is_finished() => return Some(self.join()),
+                Some(_) if std::time::Instant::now() < end => {
+                    std::thread::sleep(std::time::Duration::from_millis(2))
+                }
+                Some(_) => return None,
+                None => return Some(VmExit::Error("the VM was already waited for".into())),
+            }
+        }
+    }
+
+    fn join(&mut self) -> VmExit {
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(exit)) => exit,
             _ => VmExit::Error("the vmm thread panicked".into()),
         }
+    }
+
+    /// Waits for the VM to end and returns how it ended.
+    pub fn wait(mut self) -> VmExit {
+        self.join()
     }
 }
 

@@ -169,6 +169,34 @@ pub fn normalize(cpuid: &mut CpuId, spec: &CpuidSpec) {
     }
 }
 
+/// The hidden features whose main flag is still set in `cpuid` (read back from KVM): some
+/// KVM flavours force flags on whatever the VMM asked, and the operator should know.
+pub fn still_visible(cpuid: &CpuId, hidden: &[CpuFeature]) -> Vec<CpuFeature> {
+    let flag = |(leaf, sub, r, bit): Bit| {
+        cpuid.as_slice().iter().any(|e| {
+            let v = match r {
+                Reg::Ebx => e.ebx,
+                Reg::Ecx => e.ecx,
+                Reg::Edx => e.edx,
+            };
+            e.function == leaf && e.index == sub && v & (1 << bit) != 0
+        })
+    };
+    hidden
+        .iter()
+        .copied()
+        .filter(|f| match f {
+            CpuFeature::Xsave => flag(XSAVE_BITS[0]),
+            CpuFeature::Cx16 => flag(CX16_BITS[0]),
+            CpuFeature::Avx => flag(AVX_BITS[1]),
+            CpuFeature::Pmu => cpuid
+                .as_slice()
+                .iter()
+                .any(|e| e.function == 0xa && e.eax != 0),
+        })
+        .collect()
+}
+
 /// Parses a comma-separated feature list such as `xsave,cx16`.
 pub fn parse_features(list: &str) -> Result<Vec<CpuFeature>, CpuidError> {
     list.split(',')
@@ -308,6 +336,23 @@ mod tests {
             },
         );
         assert_eq!(find(&c, 0xa, 0).eax, 0);
+    }
+
+    #[test]
+    fn still_visible_reports_forced_flags() {
+        let mut c = sample();
+        let hidden = [CpuFeature::Xsave, CpuFeature::Cx16];
+        assert_eq!(still_visible(&c, &hidden), hidden.to_vec());
+        normalize(
+            &mut c,
+            &CpuidSpec {
+                vcpu_id: 0,
+                vcpus: 1,
+                tsc_deadline: false,
+                hidden: &hidden,
+            },
+        );
+        assert!(still_visible(&c, &hidden).is_empty());
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub fn allocate(size_mib: u64, hugepages: bool) -> Result<GuestMemoryMmap, Memor
     if size_mib < MIN_MEMORY_MIB {
         return Err(MemoryError::TooSmall(size_mib));
     }
-    if hugepages && size_mib % 2 != 0 {
+    if hugepages && !size_mib.is_multiple_of(2) {
         return Err(MemoryError::NotHugepageAligned(size_mib));
     }
     let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;

@@ -135,8 +135,11 @@ mod tests {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
     }
 
-    /// Parses the table the way a guest does and returns (cpu ids, bsp, ioapic id, io ints).
-    fn parse(t: &[u8], base: u64) -> (Vec<u8>, u8, u8, Vec<(u8, u8, u8)>) {
+    /// (cpu ids, bsp, ioapic id, io interrupts as (kind, irq, pin)).
+    type Parsed = (Vec<u8>, u8, u8, Vec<(u8, u8, u8)>);
+
+    /// Parses the table the way a guest does.
+    fn parse(t: &[u8], base: u64) -> Parsed {
         assert_eq!(&t[0..4], b"_MP_");
         assert_eq!(sum(&t[..FLOATING_LEN]), 0, "floating pointer checksum");
         let ptr = u32::from_le_bytes(t[4..8].try_into().unwrap()) as u64;

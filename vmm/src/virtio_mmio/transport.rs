@@ -227,7 +227,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= regs::CONFIG {
             lock(&self.device).read_config(offset - regs::CONFIG, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
             data.fill(0); // registers are 32-bit wide; other sizes are a driver bug
