@@ -16,8 +16,13 @@ all: build
 deps:
 	@./scripts/deps.sh
 
+BIN_DIR := target/x86_64-unknown-linux-gnu/release
+BINARIES := kubevirt-vmm
+
 build:
 	$(CARGO) build --workspace --release
+	@mkdir -p target/release
+	@for b in $(BINARIES); do ln -sf ../x86_64-unknown-linux-gnu/release/$$b target/release/$$b; done
 
 # Guest kernel (cached by source version + config fragment) and initramfs.
 guest: deps
