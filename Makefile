@@ -17,7 +17,7 @@ deps:
 	@./scripts/deps.sh
 
 BIN_DIR := target/x86_64-unknown-linux-gnu/release
-BINARIES := kubevirt-vmm
+BINARIES := kubevirt-vmm kubevirt-bench kubevirt-min-vmm
 
 build:
 	$(CARGO) build --workspace --release
@@ -36,7 +36,10 @@ test: deps guest lint
 	$(CARGO) test --workspace --release -- --test-threads=2
 
 bench: deps guest build
-	@./scripts/bench.sh
+	$(BIN_DIR)/kubevirt-bench
+
+demo: deps guest build
+	@./scripts/demo.sh
 
 clean:
 	$(CARGO) clean

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use vmm::{SerialOutput, VmConfig, VmExit};
 
+pub mod measure;
+
 /// Path of tiny test guest `name` (assembled from `vmm/guests/<name>.S`).
 pub fn guest(name: &str) -> PathBuf {
     vmm::guests::test_guest(name)

@@ -74,9 +74,8 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
     if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS {
         return Err(BuildError::VcpuCount(config.vcpus));
     }
-    let vm = Vm::new()?;
     let mem = memory::allocate(config.memory_mib, config.hugepages)?;
-    vm.register_memory(&mem)?;
+    let vm = Vm::new(&mem)?;
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&mem, path, kernel.end)?),

@@ -66,11 +66,15 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM, its in-kernel IOAPIC/PIC/LAPICs and its PIT.
-    pub fn new() -> Result<Self, VmError> {
+    /// Creates the VM with its guest memory, in-kernel IOAPIC/PIC/LAPICs and PIT.
+    ///
+    /// Memory slots go in before the irqchip and PIT: once those exist, every slot change
+    /// waits for a KVM SRCU grace period (10 ms measured here, against 0.1 ms before).
+    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         check_kvm(&kvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        register_memory(&fd, mem)?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("set the TSS address"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
@@ -92,28 +96,28 @@ impl Vm {
             tsc_deadline,
         })
     }
+}
 
-    /// Gives every guest memory region a KVM slot.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
-        for (index, region) in mem.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| VmError::MemorySlot {
-                    index,
-                    source: kvm_ioctls::Error::new(libc::EFAULT),
-                })?;
-            let slot = kvm_userspace_memory_region {
-                slot: index as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the VMM keeps alive
-            // for as long as the VM exists, and slots do not overlap (regions are disjoint).
-            unsafe { self.fd.set_user_memory_region(slot) }
-                .map_err(|source| VmError::MemorySlot { index, source })?;
-        }
-        Ok(())
+/// Gives every guest memory region a KVM slot.
+fn register_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (index, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| VmError::MemorySlot {
+                index,
+                source: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let slot = kvm_userspace_memory_region {
+            slot: index as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the VMM keeps alive
+        // for as long as the VM exists, and slots do not overlap (regions are disjoint).
+        unsafe { fd.set_user_memory_region(slot) }
+            .map_err(|source| VmError::MemorySlot { index, source })?;
     }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! A built microVM and its life: start, pause/resume/stop from the embedding program, and
 //! the exit status once the guest resets or fails.
 
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -193,7 +193,11 @@ impl MutEventSubscriber for ExitWatcher {
 #[derive(Debug)]
 pub struct VmHandle {
     control: Arc<Control>,
-    thread: Option<JoinHandle<VmExit>>,
+    /// The VM's end, sent as soon as every vCPU has stopped; the `vmm` thread then tears
+    /// the VM down, which in a long-lived process waits ~15 ms for KVM's MMU-notifier SRCU
+    /// grace period, off the caller's path.
+    done: Receiver<VmExit>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl VmHandle {
@@ -214,37 +218,47 @@ impl VmHandle {
 
     /// Waits up to `timeout` for the VM to end; `None` if it is still running.
     pub fn wait_timeout(&mut self, timeout: std::time::Duration) -> Option<VmExit> {
-        let end = std::time::Instant::now() + timeout;
-        loop {
-            match &self.thread {
-                Some(t) if t.is_finished() => return Some(self.join()),
-                Some(_) if std::time::Instant::now() < end => {
-                    std::thread::sleep(std::time::Duration::from_millis(2))
-                }
-                Some(_) => return None,
-                None => return Some(VmExit::Error("the VM was already waited for".into())),
-            }
-        }
-    }
-
-    fn join(&mut self) -> VmExit {
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(exit)) => exit,
-            _ => VmExit::Error("the vmm thread panicked".into()),
+        match self.done.recv_timeout(timeout) {
+            Ok(exit) => Some(exit),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(self.vmm_thread_gone()),
         }
     }
 
     /// Waits for the VM to end and returns how it ended.
     pub fn wait(mut self) -> VmExit {
-        self.join()
+        match self.done.recv() {
+            Ok(exit) => exit,
+            Err(_) => self.vmm_thread_gone(),
+        }
+    }
+
+    /// Waits for the VM's teardown too (its memory unmapped, its KVM objects freed).
+    pub fn wait_teardown(mut self) -> VmExit {
+        let exit = match self.done.recv() {
+            Ok(exit) => exit,
+            Err(_) => self.vmm_thread_gone(),
+        };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        exit
+    }
+
+    fn vmm_thread_gone(&mut self) -> VmExit {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Err(_)) => VmExit::Error("the vmm thread panicked".into()),
+            _ => VmExit::Error("the VM was already waited for".into()),
+        }
     }
 }
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
+        // A handle dropped while its VM runs stops the VM; the teardown finishes in the
+        // background on the vmm thread.
+        if self.thread.is_some() {
             self.stop();
-            let _ = t.join();
         }
     }
 }
@@ -260,7 +274,12 @@ impl Vmm {
         &self.vm
     }
 
-    fn launch(self) -> Result<(Arc<Control>, impl FnOnce() -> VmExit), VmmError> {
+    /// Starts the vCPUs; returns the control block and the event loop to run, which sends
+    /// the VM's end to `done` before tearing the VM down.
+    fn launch(
+        self,
+        done: Sender<VmExit>,
+    ) -> Result<(Arc<Control>, impl FnOnce() -> VmExit), VmmError> {
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         let vcpu_exit_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         let (exit_tx, exit_rx) = std::sync::mpsc::channel();
@@ -273,8 +292,21 @@ impl Vmm {
         } = self;
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
-            let evt = vcpu_exit_evt.try_clone().map_err(VmmError::EventFd)?;
-            handles.push(vcpu.start(exit_tx.clone(), evt)?);
+            let started = vcpu_exit_evt
+                .try_clone()
+                .map_err(VmmError::EventFd)
+                .and_then(|evt| Ok(vcpu.start(exit_tx.clone(), evt)?));
+            match started {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // Leave no vCPU thread behind.
+                    for h in &handles {
+                        let _ = h.request(VcpuRequest::Stop);
+                        h.join();
+                    }
+                    return Err(e);
+                }
+            }
         }
         let control = Arc::new(Control {
             vcpus: handles,
@@ -300,6 +332,7 @@ impl Vmm {
             };
             let _ = ctl.request_all(VcpuRequest::Stop);
             ctl.vcpus.iter().for_each(VcpuHandle::join);
+            let _ = done.send(exit.clone());
             // The VM and its memory outlive every vCPU thread.
             drop((vm, mem));
             exit
@@ -309,19 +342,24 @@ impl Vmm {
 
     /// Starts the vCPUs and runs the event loop on the calling thread until the VM ends.
     pub fn run(self) -> Result<VmExit, VmmError> {
-        let (_control, run) = self.launch()?;
+        let (done, _) = std::sync::mpsc::channel();
+        let (_control, run) = self.launch(done)?;
         Ok(run())
     }
 
     /// Starts the vCPUs and a `vmm` thread for the event loop; returns a handle.
     pub fn start(self) -> Result<VmHandle, VmmError> {
-        let (control, run) = self.launch()?;
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let (control, run) = self.launch(done_tx)?;
         let thread = std::thread::Builder::new()
             .name("vmm".into())
-            .spawn(run)
+            .spawn(move || {
+                run();
+            })
             .map_err(VmmError::Spawn)?;
         Ok(VmHandle {
             control,
+            done,
             thread: Some(thread),
         })
     }
