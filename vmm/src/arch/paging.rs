@@ -2,6 +2,8 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+const _: () = assert!(PDPTE_START == PML4_START + 0x1000 && PDE_START == PDPTE_START + 0x1000);
+
 use super::layout::{IDENTITY_MAPPED_GIB, PDE_START, PDPTE_START, PML4_START};
 
 const PRESENT_WRITABLE: u64 = 0x3;
@@ -19,19 +21,21 @@ pub enum PagingError {
 /// Mapping the whole 4 GiB (not just the first GiB) lets early code reach MMIO devices,
 /// the IOAPIC and the LAPIC before it builds its own tables.
 pub fn setup_identity_map(mem: &GuestMemoryMmap) -> Result<u64, PagingError> {
-    let write = |addr: u64, val: u64| {
-        mem.write_obj(val, GuestAddress(addr))
-            .map_err(|_| PagingError::Write(addr))
-    };
-    write(PML4_START, PDPTE_START | PRESENT_WRITABLE)?;
-    for gib in 0..IDENTITY_MAPPED_GIB {
-        let pd = PDE_START + gib * 0x1000;
-        write(PDPTE_START + gib * 8, pd | PRESENT_WRITABLE)?;
-        for i in 0..512u64 {
-            let phys = (gib << 30) | (i << 21);
-            write(pd + i * 8, phys | PRESENT_WRITABLE | PAGE_SIZE_2M)?;
+    // PML4, PDPT and the PDs are contiguous pages: build them in one buffer, write it once.
+    let pages = 2 + IDENTITY_MAPPED_GIB as usize;
+    let mut tables = vec![0u64; pages * 512];
+    tables[0] = PDPTE_START | PRESENT_WRITABLE;
+    for gib in 0..IDENTITY_MAPPED_GIB as usize {
+        let pd = PDE_START + gib as u64 * 0x1000;
+        tables[512 + gib] = pd | PRESENT_WRITABLE;
+        for i in 0..512 {
+            let phys = ((gib as u64) << 30) | ((i as u64) << 21);
+            tables[(2 + gib) * 512 + i] = phys | PRESENT_WRITABLE | PAGE_SIZE_2M;
         }
     }
+    let bytes: Vec<u8> = tables.iter().flat_map(|e| e.to_le_bytes()).collect();
+    mem.write_slice(&bytes, GuestAddress(PML4_START))
+        .map_err(|_| PagingError::Write(PML4_START))?;
     Ok(PML4_START)
 }
 
