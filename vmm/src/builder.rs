@@ -200,13 +200,18 @@ impl MmioDevices {
             .collect::<Result<Vec<_>, _>>()
             .map_err(BuildError::EventFd)?;
         let interrupt = Arc::new(MmioInterrupt::new(irqfd));
-        let transport = MmioTransport::new(device.clone(), mem.clone(), interrupt, clones);
-        self.bus.insert(
-            Arc::new(Mutex::new(transport)),
-            base,
-            layout::VIRTIO_MMIO_SIZE,
-        )?;
-        em.add_subscriber(Arc::new(Mutex::new(QueueEvents::new(device, queue_evts))));
+        let backend = crate::bus::lock(&device).backend_fd();
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            interrupt,
+            clones,
+        )));
+        self.bus
+            .insert(transport.clone(), base, layout::VIRTIO_MMIO_SIZE)?;
+        em.add_subscriber(Arc::new(Mutex::new(QueueEvents::new(
+            transport, queue_evts, backend,
+        ))));
         self.cmdline.push((layout::VIRTIO_MMIO_SIZE, base, irq));
         Ok((base, irq))
     }

@@ -1,55 +1,22 @@
 //! virtio-rng: fills the driver's buffers from the host's `getrandom`.
 
-use std::sync::Arc;
-
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
-use crate::virtio::{device_type, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::virtio::{device_type, UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Largest request served at once; a bigger buffer simply gets this many bytes.
 pub const MAX_REQUEST: u32 = 64 * 1024;
 const QUEUE_SIZES: [u16; 1] = [256];
 
-/// Errors of the rng device.
-#[derive(Debug, thiserror::Error)]
-pub enum RngError {
-    #[error("getrandom failed: {0}")]
-    GetRandom(std::io::Error),
-}
-
-enum State {
-    Inactive,
-    Active {
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queue: Queue,
-    },
-}
-
 /// The entropy device.
+#[derive(Debug, Default)]
 pub struct Rng {
     acked: u64,
-    state: State,
     served_bytes: u64,
 }
 
-impl std::fmt::Debug for Rng {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rng")
-            .field("active", &matches!(self.state, State::Active { .. }))
-            .field("served_bytes", &self.served_bytes)
-            .finish()
-    }
-}
-
-impl Default for Rng {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-fn fill_random(buf: &mut [u8]) -> Result<(), RngError> {
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
@@ -60,7 +27,7 @@ fn fill_random(buf: &mut [u8]) -> Result<(), RngError> {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(RngError::GetRandom(e));
+            return Err(e);
         }
         filled += n as usize;
     }
@@ -69,11 +36,7 @@ fn fill_random(buf: &mut [u8]) -> Result<(), RngError> {
 
 impl Rng {
     pub fn new() -> Self {
-        Self {
-            acked: 0,
-            state: State::Inactive,
-            served_bytes: 0,
-        }
+        Self::default()
     }
 
     /// Bytes handed to the guest so far.
@@ -140,55 +103,19 @@ impl VirtioDevice for Rng {
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
+    fn process_queue(
         &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        mut queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                device: self.name(),
-                got: queues.len(),
-                want: QUEUE_SIZES.len(),
-            });
-        }
-        let queue = queues.remove(0);
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue {
-                device: self.name(),
-                index: 0,
-            });
-        }
-        self.state = State::Active {
-            mem,
-            interrupt,
-            queue,
-        };
-        Ok(())
-    }
-
-    fn process_queue(&mut self, index: usize) {
-        let State::Active {
-            mem,
-            interrupt,
-            queue,
-        } = &mut self.state
-        else {
-            return;
-        };
-        if index != 0 || !serve(mem, queue, &mut self.served_bytes) {
-            return;
-        }
-        if queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = interrupt.signal_used_queue(0) {
-                log::warn!("rng: cannot signal the driver: {e}");
-            }
+        index: usize,
+        queues: &mut [&mut Queue],
+        mem: &GuestMemoryMmap,
+    ) -> UsedQueues {
+        match queues.get_mut(index) {
+            Some(q) if index == 0 => serve(mem, q, &mut self.served_bytes) as UsedQueues,
+            _ => 0,
         }
     }
 
     fn reset(&mut self) {
-        self.state = State::Inactive;
         self.acked = 0;
     }
 }
@@ -196,109 +123,66 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
+    use crate::virtio::testing::{desc, refs, Driver, N, W};
 
-    #[derive(Default)]
-    struct Counter(AtomicU32);
-    impl Interrupt for Counter {
-        fn signal_used_queue(&self, _q: u16) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+    /// Runs the given chains through the device; returns used lengths and the used mask.
+    fn run(chains: &[&[(u64, u32, u16)]]) -> (Vec<u32>, UsedQueues, Driver) {
+        let mut d = Driver::new(1);
+        for c in chains {
+            d.add_chain(0, c);
         }
-        fn signal_config_change(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    const W: u16 = VRING_DESC_F_WRITE as u16;
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-    }
-
-    /// Runs `descs` (one or more chains) through an active device and returns the used
-    /// lengths, the interrupt count and the memory.
-    fn run(descs: &[RawDescriptor]) -> (Vec<u32>, u32, GuestMemoryMmap) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let mq = MockSplitQueue::new(&mem, 16);
-        mq.add_desc_chains(descs, 0).unwrap();
-        let q: Queue = mq.create_queue().unwrap();
-        let irq = Arc::new(Counter::default());
-        let mut rng = Rng::new();
-        rng.activate(mem.clone(), irq.clone(), vec![q]).unwrap();
-        rng.process_queue(0);
-        let used_idx: u16 = mem.read_obj(mq.used_addr().unchecked_add(2)).unwrap();
-        let lens = (0..used_idx as u64)
-            .map(|i| {
-                mem.read_obj(mq.used_addr().unchecked_add(4 + i * 8 + 4))
-                    .unwrap()
-            })
-            .collect();
-        (lens, irq.0.load(Ordering::SeqCst), mem)
+        let mut qs = d.queues();
+        let used = Rng::new().process_queue(0, &mut refs(&mut qs), &d.mem);
+        let lens = d.used(0).iter().map(|&(_, l)| l).collect();
+        (lens, used, d)
     }
 
     #[test]
     fn fills_writable_buffers() {
-        let (lens, irqs, mem) = run(&[
-            desc(0x8000, 100, W | VRING_DESC_F_NEXT as u16, 1),
-            desc(0x9000, 28, W, 0),
-        ]);
+        let (lens, used, d) = run(&[&[(0x20000, 100, W), (0x21000, 28, W)]]);
         assert_eq!(lens, vec![128]);
-        assert_eq!(irqs, 1);
-        let mut b = [0u8; 100];
-        mem.read_slice(&mut b, GuestAddress(0x8000)).unwrap();
-        assert!(b.iter().any(|&x| x != 0), "random bytes arrived");
+        assert_eq!(used, 1);
+        assert!(
+            d.read(0x20000, 100).iter().any(|&x| x != 0),
+            "random bytes arrived"
+        );
     }
 
     #[test]
     fn readable_only_chain_gets_zero_length() {
-        let (lens, irqs, _) = run(&[desc(0x8000, 64, 0, 0)]);
-        assert_eq!(lens, vec![0]);
-        assert_eq!(irqs, 1);
+        let (lens, used, _) = run(&[&[(0x20000, 64, 0)]]);
+        assert_eq!((lens, used), (vec![0], 1));
     }
 
     #[test]
     fn out_of_bounds_buffer_is_not_written() {
-        let (lens, _, _) = run(&[desc(0xff000, 0x2000, W, 0)]);
+        let (lens, _, _) = run(&[&[(0xff000, 0x2000, W)]]);
         assert_eq!(lens, vec![0x1000], "only the in-bounds page");
-        let (lens, _, _) = run(&[desc(0x20_0000, 16, W, 0)]);
+        let (lens, _, _) = run(&[&[(0x20_0000, 16, W)]]);
         assert_eq!(lens, vec![0]);
     }
 
     #[test]
     fn descriptor_loop_terminates() {
-        let (lens, _, _) = run(&[
-            desc(0x8000, 8, W | VRING_DESC_F_NEXT as u16, 1),
-            desc(0x9000, 8, W | VRING_DESC_F_NEXT as u16, 0),
-        ]);
-        assert_eq!(lens.len(), 1);
-        assert!(lens[0] <= MAX_REQUEST);
+        let mut d = Driver::new(1);
+        d.add_raw(0, &[desc(0x20000, 8, W | N, 1), desc(0x21000, 8, W | N, 0)]);
+        let mut qs = d.queues();
+        Rng::new().process_queue(0, &mut refs(&mut qs), &d.mem);
+        let used = d.used(0);
+        assert_eq!(used.len(), 1);
+        assert!(used[0].1 <= MAX_REQUEST);
     }
 
     #[test]
     fn huge_request_is_capped() {
-        let (lens, _, _) = run(&[desc(0x1000, 0xf0000, W, 0)]);
+        let (lens, _, _) = run(&[&[(0x1000, 0xf0000, W)]]);
         assert_eq!(lens, vec![MAX_REQUEST]);
     }
 
     #[test]
-    fn inactive_device_ignores_notifications() {
-        let mut rng = Rng::new();
-        rng.process_queue(0);
-        assert_eq!(rng.served_bytes(), 0);
-    }
-
-    #[test]
-    fn wrong_queue_count_is_refused() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let err = Rng::new()
-            .activate(mem, Arc::new(Counter::default()), vec![])
-            .unwrap_err();
-        assert!(err.to_string().contains("needs 1"), "{err}");
+    fn unknown_queue_is_ignored() {
+        let d = Driver::new(1);
+        let mut qs = d.queues();
+        assert_eq!(Rng::new().process_queue(3, &mut refs(&mut qs), &d.mem), 0);
     }
 }

@@ -1,6 +1,12 @@
-//! What every device implements, and what the transport gives it on activation.
+//! What every device implements. A device never owns its queues or learns its transport:
+//! the transport (virtio-mmio in the builtin VMM, vhost-user for the `qemu` back end) owns
+//! the queues and guest memory, calls the device when the driver or the host side has
+//! work, and signals the driver for every queue the device reports as used.
 
-use std::sync::Arc;
+#[cfg(test)]
+pub mod testing;
+
+use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -15,18 +21,12 @@ pub mod device_type {
 
 /// VIRTIO_F_VERSION_1: every device here is a modern (non-legacy) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_EVENT_IDX: used/avail event suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Errors when a driver activates a device.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    #[error("{device}: driver set up {got} queues, the device needs {want}")]
-    QueueCount {
-        device: &'static str,
-        got: usize,
-        want: usize,
-    },
-    #[error("{device}: queue {index} is not valid in guest memory")]
-    InvalidQueue { device: &'static str, index: usize },
     #[error("{device}: back end failed on activation: {reason}")]
     Backend {
         device: &'static str,
@@ -34,12 +34,9 @@ pub enum ActivateError {
     },
 }
 
-/// How a device tells the driver that it used buffers or changed its configuration.
-/// Implemented by each transport (virtio-mmio interrupt status + irqfd, vhost-user call fd).
-pub trait Interrupt: Send + Sync {
-    fn signal_used_queue(&self, queue: u16) -> std::io::Result<()>;
-    fn signal_config_change(&self) -> std::io::Result<()>;
-}
+/// A set of queues (bit `i` = queue `i`) whose used rings the device changed; the transport
+/// signals the driver for each of them where the ring asks for it.
+pub type UsedQueues = u64;
 
 /// A virtio device model, independent of its transport.
 pub trait VirtioDevice: Send {
@@ -57,15 +54,30 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space at `offset` (ignored where read-only).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Hands the device its memory, queues and interrupt when the driver sets DRIVER_OK.
-    fn activate(
+    /// The driver finished setting up (DRIVER_OK); the device may start its back end.
+    fn activate(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    /// The driver made buffers available on queue `index`.
+    fn process_queue(
         &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError>;
-    /// Processes available buffers of queue `index` after the driver notified it.
-    fn process_queue(&mut self, index: usize);
+        index: usize,
+        queues: &mut [&mut Queue],
+        mem: &GuestMemoryMmap,
+    ) -> UsedQueues;
+    /// A host-side descriptor (tap, socket, completion eventfd, or an epoll fd gathering
+    /// several) the transport watches for the device while it is active.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// `backend_fd` is readable.
+    fn process_backend(
+        &mut self,
+        _queues: &mut [&mut Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> UsedQueues {
+        0
+    }
     /// Returns the device to its initial state after a driver reset.
     fn reset(&mut self);
 }

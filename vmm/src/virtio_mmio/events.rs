@@ -1,18 +1,23 @@
-//! Event-loop glue: queue notifications (ioeventfds) run the device's queue processing on
-//! the VMM thread, never on a vCPU thread.
+//! Event-loop glue: queue notifications (ioeventfds) and the device's host-side descriptor
+//! run the device on the VMM thread, never on a vCPU thread.
 
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::VirtioDevice;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::MmioTransport;
 use crate::bus::lock;
 
-/// Watches one device's queue eventfds.
+/// Token of the device's host-side descriptor; queue tokens are their indices.
+const BACKEND: u32 = u32::MAX;
+
+/// Watches one device's queue eventfds and back-end descriptor.
 pub struct QueueEvents {
-    device: Arc<Mutex<dyn VirtioDevice>>,
+    transport: Arc<Mutex<MmioTransport>>,
     queue_evts: Vec<EventFd>,
+    backend: Option<RawFd>,
 }
 
 impl std::fmt::Debug for QueueEvents {
@@ -24,8 +29,16 @@ impl std::fmt::Debug for QueueEvents {
 }
 
 impl QueueEvents {
-    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, queue_evts: Vec<EventFd>) -> Self {
-        Self { device, queue_evts }
+    pub fn new(
+        transport: Arc<Mutex<MmioTransport>>,
+        queue_evts: Vec<EventFd>,
+        backend: Option<RawFd>,
+    ) -> Self {
+        Self {
+            transport,
+            queue_evts,
+            backend,
+        }
     }
 }
 
@@ -36,13 +49,22 @@ impl MutEventSubscriber for QueueEvents {
                 log::error!("cannot watch queue {i}: {e}");
             }
         }
+        if let Some(fd) = self.backend {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, BACKEND, EventSet::IN)) {
+                log::error!("cannot watch a device back end: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let index = events.data() as usize;
-        if let Some(evt) = self.queue_evts.get(index) {
-            let _ = evt.read();
-            lock(&self.device).process_queue(index);
+        match events.data() {
+            BACKEND => lock(&self.transport).process_backend(),
+            i => {
+                if let Some(evt) = self.queue_evts.get(i as usize) {
+                    let _ = evt.read();
+                    lock(&self.transport).process_queue(i as usize);
+                }
+            }
         }
     }
 }

@@ -2,7 +2,6 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use devices::virtio::Interrupt;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{INT_CONFIG_CHANGE, INT_USED_RING};
@@ -34,13 +33,14 @@ impl MmioInterrupt {
         self.status.fetch_or(bit, Ordering::SeqCst);
         self.irqfd.write(1)
     }
-}
 
-impl Interrupt for MmioInterrupt {
-    fn signal_used_queue(&self, _queue: u16) -> std::io::Result<()> {
+    /// The device used buffers of a queue.
+    pub fn signal_used_queue(&self, _queue: u16) -> std::io::Result<()> {
         self.raise(INT_USED_RING)
     }
-    fn signal_config_change(&self) -> std::io::Result<()> {
+
+    /// The device changed its configuration (or needs a reset).
+    pub fn signal_config_change(&self) -> std::io::Result<()> {
         self.raise(INT_CONFIG_CHANGE)
     }
 }

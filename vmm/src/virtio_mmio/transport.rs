@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+use devices::virtio::{UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -120,23 +120,52 @@ impl MmioTransport {
     fn activate(&mut self) {
         let mut dev = lock(&self.device);
         let name = dev.name();
-        // The device gets its own copies; ours keep answering register reads.
-        let queues = self
+        let invalid = self
             .queues
             .iter()
-            .map(|q| Queue::try_from(q.state()))
-            .collect::<Result<Vec<_>, _>>();
-        let Ok(queues) = queues else {
-            self.status |= status::NEEDS_RESET;
-            return;
+            .position(|q| q.ready() && !q.is_valid(&self.mem));
+        let result = match invalid {
+            Some(i) => Err(format!("queue {i} does not fit in guest memory")),
+            None => dev.activate().map_err(|e| e.to_string()),
         };
-        match dev.activate(self.mem.clone(), self.interrupt.clone(), queues) {
+        drop(dev);
+        match result {
             Ok(()) => self.activated = true,
             Err(e) => {
                 log::error!("{name}: activation failed: {e}");
                 self.status |= status::NEEDS_RESET;
-                drop(dev);
-                let _ = devices::virtio::Interrupt::signal_config_change(&*self.interrupt);
+                let _ = self.interrupt.signal_config_change();
+            }
+        }
+    }
+
+    /// The driver notified queue `index` (through its ioeventfd).
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.activated || !self.queues.get(index).is_some_and(|q| q.ready()) {
+            return;
+        }
+        let mut refs: Vec<&mut Queue> = self.queues.iter_mut().collect();
+        let used = lock(&self.device).process_queue(index, &mut refs, &self.mem);
+        self.signal(used);
+    }
+
+    /// The device's host-side descriptor is readable.
+    pub fn process_backend(&mut self) {
+        if !self.activated {
+            return;
+        }
+        let mut refs: Vec<&mut Queue> = self.queues.iter_mut().collect();
+        let used = lock(&self.device).process_backend(&mut refs, &self.mem);
+        self.signal(used);
+    }
+
+    /// Interrupts the driver for each used queue that asks for it (event index aware).
+    fn signal(&mut self, used: UsedQueues) {
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if used & (1 << i) != 0 && q.needs_notification(&self.mem).unwrap_or(true) {
+                if let Err(e) = self.interrupt.signal_used_queue(i as u16) {
+                    log::warn!("virtio-mmio: cannot interrupt the driver: {e}");
+                }
             }
         }
     }
@@ -327,7 +356,10 @@ mod tests {
         assert_eq!(t.queues[0].size(), 16);
         w(&mut t, regs::QUEUE_NOTIFY, 0);
         assert_eq!(qe.read().unwrap(), 1);
-        devices::virtio::Interrupt::signal_used_queue(&*int, 0).unwrap();
+        // An empty ring: processing uses nothing and raises no interrupt.
+        t.process_queue(0);
+        assert_eq!(r(&mut t, regs::INTERRUPT_STATUS), 0);
+        int.signal_used_queue(0).unwrap();
         assert_eq!(r(&mut t, regs::INTERRUPT_STATUS), 1);
         w(&mut t, regs::INTERRUPT_ACK, 1);
         assert_eq!(r(&mut t, regs::INTERRUPT_STATUS), 0);
