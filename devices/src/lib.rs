@@ -4,5 +4,8 @@
 //! [`virtio::Interrupt`] trait, and never learns its transport: the builtin VMM serves it over
 //! virtio-mmio, and the `qemu` back end over vhost-user.
 
+pub mod block;
+pub mod net;
 pub mod rng;
 pub mod virtio;
+pub mod vsock;

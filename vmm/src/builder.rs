@@ -86,9 +86,8 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
     let serial_output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
     let pio = attach_legacy_devices(&vm, serial_output, &config, &reset_evt, &mut event_manager)?;
     let mut mmio = MmioDevices::default();
-    if config.rng {
-        let rng = Arc::new(Mutex::new(devices::rng::Rng::new()));
-        mmio.attach(&vm, &mem, &mut event_manager, rng)?;
+    for (_, device) in create_devices(&config)? {
+        mmio.attach(&vm, &mem, &mut event_manager, device)?;
     }
     let cr3 = configure_system_for_boot(&mem, &config, &kernel, initrd, &mmio.cmdline)?;
     let vcpus = create_vcpus(
@@ -106,6 +105,19 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
         event_manager,
         reset_evt,
     })
+}
+
+/// A virtio device model with a short name for logs, sockets and threads.
+pub type NamedDevice = (String, Arc<Mutex<dyn VirtioDevice>>);
+
+/// The virtio devices the configuration asks for, in slot order; shared by the builtin
+/// machine (virtio-mmio) and the qemu machine (vhost-user).
+pub fn create_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, BuildError> {
+    let mut out: Vec<NamedDevice> = Vec::new();
+    if config.rng {
+        out.push(("rng".into(), Arc::new(Mutex::new(devices::rng::Rng::new()))));
+    }
+    Ok(out)
 }
 
 /// COM1 (IRQ 4 through an irqfd) and the i8042 reset line on the port I/O bus.

@@ -7,23 +7,35 @@ use anyhow::{bail, Context, Result};
 use lexopt::prelude::*;
 use vmm::arch::cpuid::parse_features;
 use vmm::doctor;
+use vmm::qemu::{Accel, QemuVm};
 use vmm::{SerialInputSource, SerialOutput, VmConfig};
 
 const USAGE: &str = "\
 usage: kubevirt-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB]
                         [--vcpus N] [--hugepages] [--cpu-hide FEATURES]
                         [--serial-out FILE] [--serial-in stdin|unix:PATH] [--rng]
+                        [--machine builtin|qemu|auto]
        kubevirt-vmm doctor [--verdict]
 
 run     boots the kernel (ELF vmlinux or bzImage) with the console on stdout (or FILE);
         exits 0 when the guest resets or powers off, non-zero with the reason otherwise.
         --cpu-hide takes a comma list of: xsave, cx16, avx, pmu.
+        --machine qemu runs the same kernel and devices on QEMU microvm, our devices served
+        over vhost-user (KVM where native, TCG otherwise); auto picks as doctor does.
 doctor  checks /dev/kvm, runs a calibration guest and says whether guest code runs
         natively or emulated, and which machine back end `auto` chooses.
         --verdict prints only that back end (builtin or qemu).";
 
-fn parse_run(mut p: lexopt::Parser) -> Result<VmConfig> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Machine {
+    Builtin,
+    Qemu,
+    Auto,
+}
+
+fn parse_run(mut p: lexopt::Parser) -> Result<(VmConfig, Machine)> {
     let mut kernel: Option<PathBuf> = None;
+    let mut machine = Machine::Builtin;
     let mut cfg = VmConfig::new("");
     while let Some(arg) = p.next()? {
         match arg {
@@ -34,6 +46,14 @@ fn parse_run(mut p: lexopt::Parser) -> Result<VmConfig> {
             Long("vcpus") => cfg.vcpus = p.value()?.parse().context("--vcpus takes 1 to 254")?,
             Long("hugepages") => cfg.hugepages = true,
             Long("rng") => cfg.rng = true,
+            Long("machine") => {
+                machine = match p.value()?.string()?.as_str() {
+                    "builtin" => Machine::Builtin,
+                    "qemu" => Machine::Qemu,
+                    "auto" => Machine::Auto,
+                    other => bail!("--machine {other:?}: expected builtin, qemu or auto"),
+                }
+            }
             Long("cpu-hide") => cfg.hidden_cpu_features = parse_features(&p.value()?.string()?)?,
             Long("serial-out") => cfg.serial_output = SerialOutput::File(p.value()?.into()),
             Long("serial-in") => {
@@ -52,12 +72,20 @@ fn parse_run(mut p: lexopt::Parser) -> Result<VmConfig> {
         }
     }
     cfg.kernel = kernel.context("run needs --kernel PATH")?;
-    Ok(cfg)
+    Ok((cfg, machine))
 }
 
 fn run(p: lexopt::Parser) -> Result<ExitCode> {
-    let cfg = parse_run(p)?;
-    let exit = vmm::build_microvm(cfg)?.run()?;
+    let (cfg, machine) = parse_run(p)?;
+    let native = || -> Result<bool> { Ok(doctor::calibrate()?.native()) };
+    let exit = match machine {
+        Machine::Builtin => vmm::build_microvm(cfg)?.run()?,
+        Machine::Auto if native()? => vmm::build_microvm(cfg)?.run()?,
+        Machine::Qemu | Machine::Auto => {
+            let accel = if native()? { Accel::Kvm } else { Accel::Tcg };
+            QemuVm::start(cfg, accel)?.wait()
+        }
+    };
     if !exit.is_clean() {
         eprintln!("kubevirt-vmm: {exit}");
     }

@@ -21,8 +21,13 @@ pub mod device_type {
 
 /// VIRTIO_F_VERSION_1: every device here is a modern (non-legacy) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_INDIRECT_DESC: descriptor chains may live in indirect tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 /// VIRTIO_RING_F_EVENT_IDX: used/avail event suppression.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Ring features every transport offers on top of the device's own: virtio-queue walks
+/// indirect tables and honours event indices for every device.
+pub const TRANSPORT_FEATURES: u64 = VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
 
 /// Errors when a driver activates a device.
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,7 @@ pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
 }
 
 /// Split-ring addresses of one queue: descriptor table, avail ring, used ring.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct Ring {
     desc: u64,
     avail: u64,
@@ -29,6 +29,7 @@ struct Ring {
 }
 
 /// 1 MiB of guest memory with rings from 0x1000 (0x1000 apart); buffers go from 0x20000 on.
+#[derive(Debug)]
 pub struct Driver {
     pub mem: GuestMemoryMmap,
     rings: Vec<Ring>,

@@ -2,7 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::{UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1};
+use devices::virtio::{
+    UsedQueues, VirtioDevice, TRANSPORT_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -100,7 +102,7 @@ impl MmioTransport {
         }
         let new = value & !self.status;
         if new & status::FEATURES_OK != 0 {
-            let offered = lock(&self.device).features();
+            let offered = lock(&self.device).features() | TRANSPORT_FEATURES;
             // Only modern drivers, and only features we offered.
             if self.driver_features & !offered != 0
                 || self.driver_features & VIRTIO_F_VERSION_1 == 0
@@ -118,6 +120,10 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for q in &mut self.queues {
+            q.set_event_idx(event_idx);
+        }
         let mut dev = lock(&self.device);
         let name = dev.name();
         let invalid = self
@@ -177,7 +183,7 @@ impl MmioTransport {
             regs::DEVICE_ID => lock(&self.device).device_type(),
             regs::VENDOR_ID => VENDOR_ID,
             regs::DEVICE_FEATURES => {
-                let f = lock(&self.device).features();
+                let f = lock(&self.device).features() | TRANSPORT_FEATURES;
                 match self.device_features_sel {
                     0 => f as u32,
                     1 => (f >> 32) as u32,
@@ -325,6 +331,12 @@ mod tests {
         assert_eq!(r(&mut t, regs::DEVICE_ID), 4);
         w(&mut t, regs::DEVICE_FEATURES_SEL, 1);
         assert_eq!(r(&mut t, regs::DEVICE_FEATURES), 1, "VERSION_1");
+        w(&mut t, regs::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(
+            r(&mut t, regs::DEVICE_FEATURES),
+            3 << 28,
+            "indirect descriptors, event idx"
+        );
         assert_eq!(r(&mut t, regs::QUEUE_NUM_MAX), 256);
         w(&mut t, regs::QUEUE_SEL, 7);
         assert_eq!(r(&mut t, regs::QUEUE_NUM_MAX), 0, "no such queue");

@@ -1,0 +1,389 @@
+//! virtio-blk (virtio 1.2, section 5.2) over a raw file or a host block device.
+//!
+//! `process_queue` parses each chain ([`request`], pure) and hands checked requests to one
+//! worker thread per disk ([`io`]), so slow file I/O never stalls the event loop serving
+//! other devices. The worker writes data and status into guest memory and signals an
+//! eventfd ([`VirtioDevice::backend_fd`]); `process_backend` then returns the chains.
+
+mod io;
+pub mod request;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::io::{Disk, Done, Job, Worker};
+use self::request::{DiskInfo, Op, Parsed, ID_LEN, MAX_RANGE_SECTORS, SECTOR_SIZE};
+use crate::virtio::{
+    device_type, read_config_bytes, UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// Entries of the single request queue.
+pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+/// Bytes of `struct virtio_blk_config` served, through `write_zeroes_may_unmap` and its
+/// padding; the secure-erase and zoned fields after it read as zero.
+pub const CONFIG_LEN: usize = 60;
+
+/// Disks without an id are named `blk-<n>` in thread names, numbered in creation order.
+static NEXT_DISK: AtomicUsize = AtomicUsize::new(0);
+
+/// Errors of the block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk {path} is {kind}")]
+    NotADisk { path: PathBuf, kind: &'static str },
+    #[error("disk {path} is a read-only file but was asked to be writable")]
+    ReadOnlyFile { path: PathBuf },
+    #[error("disk {path} has {size} bytes, not a multiple of 512")]
+    Size { path: PathBuf, size: u64 },
+    #[error("disk id {id:?} {reason}")]
+    BadId { id: String, reason: &'static str },
+    #[error("cannot start the I/O thread of disk {path}: {source}")]
+    Thread {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A disk as the user asked for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// A raw image file or a host block device.
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Serial the guest sees (GET_ID, `/sys/block/vdX/serial`), at most 20 bytes.
+    pub id: Option<String>,
+}
+
+/// Request counters since the device was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub read_requests: u64,
+    pub read_bytes: u64,
+    pub write_requests: u64,
+    pub write_bytes: u64,
+    pub flush_requests: u64,
+    /// Discard and write-zeroes requests.
+    pub discard_requests: u64,
+    /// Requests that failed, were refused or were dropped as malformed.
+    pub errors: u64,
+}
+
+/// The live block device.
+#[derive(Debug)]
+pub struct Block {
+    config: BlockConfig,
+    disk: DiskInfo,
+    features: u64,
+    acked: u64,
+    config_space: [u8; CONFIG_LEN],
+    /// Written by the worker for each finished request.
+    completions: EventFd,
+    worker: Worker,
+    /// Requests handed to the worker and not yet returned to the queue.
+    in_flight: usize,
+    /// Popping stopped because `in_flight` reached the queue size.
+    throttled: bool,
+    stats: BlockStats,
+}
+
+impl Block {
+    /// Opens the disk and starts its I/O thread.
+    pub fn new(config: BlockConfig) -> Result<Block, BlockError> {
+        let mut id = [0u8; ID_LEN];
+        if let Some(s) = &config.id {
+            let bad = |reason| BlockError::BadId {
+                id: s.clone(),
+                reason,
+            };
+            if s.len() > ID_LEN {
+                return Err(bad("is longer than 20 bytes"));
+            }
+            // The guest reads the serial up to the first NUL; a thread name cannot hold one.
+            if s.contains('\0') {
+                return Err(bad("contains a NUL byte"));
+            }
+            id[..s.len()].copy_from_slice(s.as_bytes());
+        }
+        let disk = Disk::open(&config.path, config.read_only)?;
+        let info = DiskInfo {
+            capacity: disk.size / SECTOR_SIZE,
+            read_only: config.read_only,
+        };
+        let config_space = config_space(info.capacity, disk.block_size);
+        let thread_err = |source| BlockError::Thread {
+            path: config.path.clone(),
+            source,
+        };
+        let completions = EventFd::new(EFD_NONBLOCK).map_err(thread_err)?;
+        let notify = completions.try_clone().map_err(thread_err)?;
+        let name = match &config.id {
+            Some(id) => format!("blk-{id}"),
+            None => format!("blk-{}", NEXT_DISK.fetch_add(1, Ordering::Relaxed)),
+        };
+        let worker = Worker::spawn(name, disk, id, notify).map_err(thread_err)?;
+        Ok(Block {
+            features: features(config.read_only),
+            config,
+            disk: info,
+            acked: 0,
+            config_space,
+            completions,
+            worker,
+            in_flight: 0,
+            throttled: false,
+            stats: BlockStats::default(),
+        })
+    }
+
+    /// What the device was created from.
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    /// Size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.capacity
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
+    /// Pops, parses and submits chains until the queue is empty or `in_flight` reaches the
+    /// queue size (which bounds what a guest can make the host hold).
+    fn serve(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let limit = usize::from(q.size()).max(1);
+        let mut used = false;
+        loop {
+            // With EVENT_IDX, enable_notification also publishes avail_event, without which
+            // the driver would stop notifying.
+            let _ = q.disable_notification(mem);
+            while self.in_flight < limit {
+                let Some(chain) = q.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                used |= self.start(chain, q, mem);
+            }
+            if self.in_flight >= limit {
+                self.throttled = true;
+                return used;
+            }
+            self.throttled = false;
+            match q.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => return used,
+            }
+        }
+    }
+
+    /// Starts one request; returns whether it was answered (added to the used ring) at once.
+    fn start(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> bool {
+        let head = chain.head_index();
+        let (descs, terminated) = request::collect(chain);
+        let (at, status, used_len) = match request::parse(&descs, terminated, mem, &self.disk) {
+            Parsed::Io(req) => {
+                let at = req.status;
+                let job = Job {
+                    head,
+                    req,
+                    mem: mem.clone(),
+                };
+                match self.worker.submit(job) {
+                    Ok(()) => {
+                        self.in_flight += 1;
+                        return false;
+                    }
+                    Err(_) => {
+                        log::error!("{}: I/O thread is gone", self.name());
+                        (Some(at), VIRTIO_BLK_S_IOERR as u8, 1)
+                    }
+                }
+            }
+            Parsed::Reply { at, status, why } => {
+                log::debug!("{}: request {head} refused: {why:?}", self.name());
+                (Some(at), status, 1)
+            }
+            Parsed::Drop(why) => {
+                log::debug!("{}: chain {head} dropped: {why:?}", self.name());
+                (None, 0, 0)
+            }
+        };
+        self.stats.errors += 1;
+        if let Some(at) = at {
+            // `parse` checked the address.
+            let _ = mem.write_obj(status, at);
+        }
+        add_used(q, mem, head, used_len)
+    }
+
+    /// Queue 0, set to follow the negotiated EVENT_IDX whichever transport set it up
+    /// (the transport may not have told the queue).
+    fn request_queue<'q>(&self, queues: &'q mut [&mut Queue]) -> Option<&'q mut Queue> {
+        let q = queues.get_mut(0)?;
+        q.set_event_idx(self.acked & VIRTIO_RING_F_EVENT_IDX != 0);
+        Some(&mut **q)
+    }
+
+    fn count(&mut self, d: &Done) {
+        let s = &mut self.stats;
+        match d.op {
+            Op::Read { .. } => {
+                s.read_requests += 1;
+                s.read_bytes += d.bytes;
+            }
+            Op::Write { .. } => {
+                s.write_requests += 1;
+                s.write_bytes += d.bytes;
+            }
+            Op::Flush => s.flush_requests += 1,
+            Op::Discard { .. } | Op::WriteZeroes { .. } => s.discard_requests += 1,
+            Op::GetId => {}
+        }
+        if d.status != VIRTIO_BLK_S_OK as u8 {
+            s.errors += 1;
+        }
+    }
+}
+
+fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
+    match q.add_used(mem, head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("virtio-blk: cannot return descriptor {head}: {e}");
+            false
+        }
+    }
+}
+
+fn features(read_only: bool) -> u64 {
+    let bit = |b: u32| 1u64 << b;
+    let mut f = VIRTIO_F_VERSION_1
+        | VIRTIO_RING_F_EVENT_IDX
+        | bit(VIRTIO_BLK_F_FLUSH)
+        | bit(VIRTIO_BLK_F_SEG_MAX)
+        | bit(VIRTIO_BLK_F_BLK_SIZE);
+    if read_only {
+        f |= bit(VIRTIO_BLK_F_RO);
+    } else {
+        // Neither can succeed on a read-only disk, so the driver is not told of them.
+        f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+    }
+    f
+}
+
+/// `struct virtio_blk_config`, little-endian.
+fn config_space(capacity: u64, host_block_size: u64) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let mut put =
+        |offset: usize, bytes: &[u8]| c[offset..offset + bytes.len()].copy_from_slice(bytes);
+    put(0, &capacity.to_le_bytes());
+    // seg_max: the header and the status byte take a descriptor each.
+    put(12, &(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
+    put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+    put(36, &MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
+    put(40, &1u32.to_le_bytes()); // max_discard_seg
+    put(44, &((host_block_size / SECTOR_SIZE) as u32).to_le_bytes()); // discard_sector_alignment
+    put(48, &MAX_RANGE_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    put(52, &1u32.to_le_bytes()); // max_write_zeroes_seg
+    put(56, &[1]); // write_zeroes_may_unmap
+    c
+}
+
+impl VirtioDevice for Block {
+    fn name(&self) -> &'static str {
+        "virtio-blk"
+    }
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+    fn features(&self) -> u64 {
+        self.features
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Nothing is writable: the writeback toggle (CONFIG_WCE) is not offered.
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [&mut Queue],
+        mem: &GuestMemoryMmap,
+    ) -> UsedQueues {
+        match self.request_queue(queues) {
+            Some(q) if index == 0 => self.serve(q, mem) as UsedQueues,
+            _ => 0,
+        }
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.completions.as_raw_fd())
+    }
+
+    fn process_backend(&mut self, queues: &mut [&mut Queue], mem: &GuestMemoryMmap) -> UsedQueues {
+        // Clear the counter before draining: a completion sent after the drain signals again.
+        let _ = self.completions.read();
+        let mut used = false;
+        while let Some(done) = self.worker.try_done() {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            self.count(&done);
+            if let Some(q) = self.request_queue(queues) {
+                used |= add_used(q, mem, done.head, done.used_len);
+            }
+        }
+        if self.throttled {
+            if let Some(q) = self.request_queue(queues) {
+                used |= self.serve(q, mem);
+            }
+        }
+        used as UsedQueues
+    }
+
+    fn reset(&mut self) {
+        // Nothing may complete into the queue once the transport resets it: wait for what
+        // the worker holds and forget the results (the driver abandoned those requests).
+        while self.in_flight > 0 {
+            match self.worker.wait_done() {
+                Some(done) => self.count(&done),
+                None => break,
+            }
+            self.in_flight -= 1;
+        }
+        self.in_flight = 0;
+        self.throttled = false;
+        self.acked = 0;
+        let _ = self.completions.read();
+    }
+}
+
+#[cfg(test)]
+mod tests;

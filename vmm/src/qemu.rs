@@ -1,0 +1,228 @@
+//! The `qemu` machine back end: the same guest kernel and our own virtio devices, served
+//! over vhost-user to an external QEMU microvm (KVM where native, TCG otherwise). It exists
+//! for hosts whose KVM emulates guest code, where a Linux guest cannot reach user space
+//! under any KVM VMM.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use devices::virtio::device_type;
+
+use crate::builder::{create_devices, BuildError};
+use crate::config::{SerialOutput, VmConfig};
+use crate::vhost_user::{serve, VhostUserError, VhostUserServer};
+use crate::vmm::VmExit;
+
+/// Errors of the qemu machine.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error(transparent)]
+    Devices(#[from] BuildError),
+    #[error(transparent)]
+    VhostUser(#[from] VhostUserError),
+    #[error("cannot create the socket directory {path}: {source}")]
+    SocketDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {binary}: {source} (install qemu-system-x86)")]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("device {name} (virtio type {kind}) has no vhost-user front in QEMU")]
+    Unsupported { name: String, kind: u32 },
+}
+
+/// How QEMU runs guest code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// The QEMU binary used for the qemu machine.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// A running QEMU with its device servers.
+#[derive(Debug)]
+pub struct QemuVm {
+    child: Child,
+    servers: Vec<VhostUserServer>,
+    dir: PathBuf,
+    console: Option<std::thread::JoinHandle<()>>,
+}
+
+fn socket_dir() -> Result<PathBuf, QemuError> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kubevirt-vmm-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).map_err(|source| QemuError::SocketDir {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
+impl QemuVm {
+    /// Starts the device servers, then QEMU connected to them.
+    pub fn start(mut config: VmConfig, accel: Accel) -> Result<Self, QemuError> {
+        let devices = create_devices(&config)?;
+        let dir = socket_dir()?;
+        let mut args: Vec<String> = Vec::new();
+        let mem = config.memory_mib;
+        let (accel_name, cpu) = match accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        args.extend(
+            [
+                "-M",
+                "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+                "-accel",
+                accel_name,
+                "-cpu",
+                cpu,
+                "-m",
+                &format!("{mem}M"),
+                "-smp",
+                &config.vcpus.to_string(),
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+                // Modern virtio-mmio (version 2): our devices are virtio 1.x only.
+                "-global",
+                "virtio-mmio.force-legacy=false",
+            ]
+            .map(String::from),
+        );
+        args.push("-kernel".into());
+        args.push(config.kernel.display().to_string());
+        if let Some(initrd) = &config.initrd {
+            args.push("-initrd".into());
+            args.push(initrd.display().to_string());
+        }
+        args.push("-append".into());
+        args.push(config.cmdline.clone());
+        let mut servers = Vec::new();
+        for (i, (name, device)) in devices.into_iter().enumerate() {
+            let kind = crate::bus::lock(&device).device_type();
+            let socket = dir.join(format!("{name}.sock"));
+            let chardev = format!("vu{i}");
+            let front = match kind {
+                device_type::RNG => format!("vhost-user-rng,chardev={chardev}"),
+                device_type::BLOCK => format!("vhost-user-blk,chardev={chardev},num-queues=1"),
+                device_type::VSOCK => format!("vhost-user-vsock-device,chardev={chardev}"),
+                device_type::NET => {
+                    args.push("-netdev".into());
+                    args.push(format!("vhost-user,id=net{i},chardev={chardev}"));
+                    format!("virtio-net-device,netdev=net{i}")
+                }
+                kind => return Err(QemuError::Unsupported { name, kind }),
+            };
+            servers.push(serve(&name, device, &socket)?);
+            args.push("-chardev".into());
+            args.push(format!("socket,id={chardev},path={}", socket.display()));
+            args.push("-device".into());
+            args.push(front);
+        }
+        let output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
+        let (serial, writer) = match output {
+            SerialOutput::Stdout => ("stdio".to_string(), None),
+            SerialOutput::Sink => ("null".to_string(), None),
+            SerialOutput::File(p) => (format!("file:{}", p.display()), None),
+            SerialOutput::Writer(w) => ("stdio".to_string(), Some(w)),
+        };
+        args.push("-serial".into());
+        args.push(serial);
+        let mut cmd = Command::new(QEMU);
+        cmd.args(&args).stdin(Stdio::null());
+        if writer.is_some() {
+            cmd.stdout(Stdio::piped());
+        }
+        log::debug!("starting {QEMU} {}", args.join(" "));
+        let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
+            binary: QEMU.into(),
+            source,
+        })?;
+        // Console bytes go to the caller's writer as they arrive.
+        let console = match (writer, child.stdout.take()) {
+            (Some(mut w), Some(mut out)) => Some(std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = out.read(&mut buf) {
+                    let _ = w.write_all(&buf[..n]);
+                }
+            })),
+            _ => None,
+        };
+        Ok(Self {
+            child,
+            servers,
+            dir,
+            console,
+        })
+    }
+
+    /// Waits for QEMU to end: a guest reset (`-no-reboot`) is a clean end.
+    pub fn wait(mut self) -> VmExit {
+        let status = self.child.wait();
+        self.finish();
+        match status {
+            Ok(s) if s.success() => VmExit::Reset,
+            Ok(s) => VmExit::Error(format!("{QEMU} exited with {s}")),
+            Err(e) => VmExit::Error(format!("cannot wait for {QEMU}: {e}")),
+        }
+    }
+
+    /// Waits up to `timeout`; `None` if QEMU still runs.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if std::time::Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Ends QEMU at once.
+    pub fn kill(mut self) -> VmExit {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.finish();
+        VmExit::Stopped
+    }
+
+    fn finish(&mut self) {
+        for s in self.servers.drain(..) {
+            s.join();
+        }
+        if let Some(c) = self.console.take() {
+            let _ = c.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.finish();
+    }
+}

@@ -1,0 +1,239 @@
+//! The adapter from our device trait to `vhost-user-backend`, and a server thread per device.
+
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use devices::virtio::{UsedQueues, VirtioDevice, TRANSPORT_FEATURES};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::Queue;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::bus::lock;
+
+/// Errors of a vhost-user device server.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    #[error("cannot listen on vhost-user socket {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("cannot create the vhost-user daemon for {name}: {reason}")]
+    Daemon { name: String, reason: String },
+    #[error("cannot watch the back end of {name}: {source}")]
+    Backend {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start thread {name}: {source}")]
+    Spawn {
+        name: String,
+        source: std::io::Error,
+    },
+}
+
+/// Largest ring a vhost-user frontend may choose.
+const FRONTEND_MAX_QUEUE: u16 = 1024;
+
+/// One device as a vhost-user back end.
+pub struct VhostUserDevice {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    activated: bool,
+}
+
+impl std::fmt::Debug for VhostUserDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDevice")
+            .field("activated", &self.activated)
+            .finish()
+    }
+}
+
+impl VhostUserDevice {
+    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
+        Self {
+            device,
+            mem: None,
+            activated: false,
+        }
+    }
+
+    fn queue_count(&self) -> usize {
+        lock(&self.device).queue_max_sizes().len()
+    }
+}
+
+impl VhostUserBackendMut for VhostUserDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.queue_count()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        // The frontend picks the ring size (QEMU's vhost-user-rng asks for 1024) without
+        // asking the back end; virtio-queue serves any size up to the spec's 32768.
+        let device_max = lock(&self.device).queue_max_sizes().iter().copied().max();
+        device_max.unwrap_or(0).max(FRONTEND_MAX_QUEUE) as usize
+    }
+
+    fn features(&self) -> u64 {
+        lock(&self.device).features()
+            | TRANSPORT_FEATURES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        let virtio = features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        lock(&self.device).ack_features(virtio);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&mut self) {
+        lock(&self.device).reset();
+        self.activated = false;
+    }
+
+    fn set_event_idx(&mut self, _enabled: bool) {
+        // The queues carry the negotiated setting; the device reads it from them.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut buf = vec![0u8; size as usize];
+        lock(&self.device).read_config(offset as u64, &mut buf);
+        buf
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        lock(&self.device).write_config(offset as u64, buf);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one the library cannot stop its vring worker when the frontend leaves.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        let Some(atomic) = &self.mem else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let mut dev = lock(&self.device);
+        if !self.activated {
+            dev.activate()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.activated = true;
+        }
+        let mut guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
+        let mut queues: Vec<&mut Queue> = guards.iter_mut().map(|g| g.get_queue_mut()).collect();
+        let used: UsedQueues = match device_event as usize {
+            i if i < vrings.len() => dev.process_queue(i, &mut queues, &mem),
+            _ => dev.process_backend(&mut queues, &mem),
+        };
+        drop(queues);
+        for (i, g) in guards.iter_mut().enumerate() {
+            if used & (1 << i) != 0 && g.needs_notification().unwrap_or(true) {
+                g.signal_used_queue()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+type Daemon = VhostUserDaemon<Arc<Mutex<VhostUserDevice>>>;
+
+/// A device being served on a vhost-user socket by thread `vu-<name>`.
+#[derive(Debug)]
+pub struct VhostUserServer {
+    pub socket: PathBuf,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VhostUserServer {
+    /// Waits until the frontend disconnected (QEMU exited).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Listens on `socket` (before returning, so a frontend started afterwards finds it) and
+/// serves `device` to the first frontend that connects, until it disconnects.
+pub fn serve(
+    name: &str,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    socket: &Path,
+) -> Result<VhostUserServer, VhostUserError> {
+    let mut listener = Listener::new(socket, true).map_err(|source| VhostUserError::Listen {
+        path: socket.to_owned(),
+        source,
+    })?;
+    let backend_fd: Option<RawFd> = lock(&device).backend_fd();
+    let adapter = Arc::new(Mutex::new(VhostUserDevice::new(device)));
+    let queues = lock(&adapter).queue_count();
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon: Daemon = VhostUserDaemon::new(name.to_string(), adapter, mem).map_err(|e| {
+        VhostUserError::Daemon {
+            name: name.to_string(),
+            reason: format!("{e:?}"),
+        }
+    })?;
+    if let Some(fd) = backend_fd {
+        // Tokens up to the queue count are the library's: the back end takes the next one.
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(fd, EventSet::IN, queues as u64 + 1)
+                .map_err(|source| VhostUserError::Backend {
+                    name: name.to_string(),
+                    source,
+                })?;
+        }
+    }
+    let thread_name = format!("vu-{name}");
+    let log_name = name.to_string();
+    let thread = std::thread::Builder::new()
+        .name(thread_name.clone())
+        .spawn(move || {
+            let served = daemon.start(&mut listener).and_then(|()| daemon.wait());
+            if let Err(e) = served {
+                // A frontend that simply went away ends the connection with an error too.
+                log::debug!("vhost-user {log_name}: {e}");
+            }
+        })
+        .map_err(|source| VhostUserError::Spawn {
+            name: thread_name,
+            source,
+        })?;
+    Ok(VhostUserServer {
+        socket: socket.to_owned(),
+        thread: Some(thread),
+    })
+}
