@@ -37,6 +37,12 @@ pub enum BuildError {
     Mptable(#[from] mptable::MptableError),
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Block(#[from] devices::block::BlockError),
+    #[error(transparent)]
+    Net(#[from] devices::net::NetError),
+    #[error(transparent)]
+    Vsock(#[from] devices::vsock::VsockError),
     #[error("cannot open serial output {path}: {source}")]
     SerialOutput {
         path: String,
@@ -86,7 +92,7 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
     let serial_output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
     let pio = attach_legacy_devices(&vm, serial_output, &config, &reset_evt, &mut event_manager)?;
     let mut mmio = MmioDevices::default();
-    for (_, device) in create_devices(&config)? {
+    for (_, device) in create_devices(&mut config)? {
         mmio.attach(&vm, &mem, &mut event_manager, device)?;
     }
     let cr3 = configure_system_for_boot(&mem, &config, &kernel, initrd, &mmio.cmdline)?;
@@ -112,8 +118,22 @@ pub type NamedDevice = (String, Arc<Mutex<dyn VirtioDevice>>);
 
 /// The virtio devices the configuration asks for, in slot order; shared by the builtin
 /// machine (virtio-mmio) and the qemu machine (vhost-user).
-pub fn create_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, BuildError> {
+pub fn create_devices(config: &mut VmConfig) -> Result<Vec<NamedDevice>, BuildError> {
     let mut out: Vec<NamedDevice> = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let dev = devices::block::Block::new(disk.clone())?;
+        out.push((format!("blk{i}"), Arc::new(Mutex::new(dev))));
+    }
+    for (i, net) in std::mem::take(&mut config.nets).into_iter().enumerate() {
+        out.push((
+            format!("net{i}"),
+            Arc::new(Mutex::new(devices::net::Net::new(net)?)),
+        ));
+    }
+    if let Some(vsock) = &config.vsock {
+        let dev = devices::vsock::Vsock::new(vsock.clone())?;
+        out.push(("vsock".into(), Arc::new(Mutex::new(dev))));
+    }
     if config.rng {
         out.push(("rng".into(), Arc::new(Mutex::new(devices::rng::Rng::new()))));
     }

@@ -5,6 +5,111 @@ use std::path::PathBuf;
 
 use crate::arch::cpuid::CpuFeature;
 pub use crate::legacy::SerialInputSource;
+pub use devices::block::BlockConfig;
+pub use devices::net::{NetConfig, TapSource};
+pub use devices::vsock::VsockConfig;
+
+/// Errors in device options given as `key=value` lists.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{option} {value:?}: {reason}")]
+    Invalid {
+        option: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(option: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        option,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// `PATH[,ro][,id=NAME]`: a disk.
+pub fn parse_disk(value: &str) -> Result<BlockConfig, ConfigError> {
+    let mut parts = value.split(',');
+    let path = parts.next().filter(|p| !p.is_empty());
+    let path = path.ok_or_else(|| invalid("--disk", value, "expected PATH[,ro][,id=NAME]"))?;
+    let mut cfg = BlockConfig {
+        path: path.into(),
+        read_only: false,
+        id: None,
+    };
+    for part in parts {
+        match part.split_once('=') {
+            None if part == "ro" => cfg.read_only = true,
+            Some(("id", id)) if !id.is_empty() => cfg.id = Some(id.to_string()),
+            _ => return Err(invalid("--disk", value, format!("unknown option {part:?}"))),
+        }
+    }
+    Ok(cfg)
+}
+
+/// A MAC address written `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (bytes.len() == 6 && s.split(':').all(|b| b.len() == 2)).then(|| bytes.try_into().ok())?
+}
+
+/// `tap=NAME[,mac=MAC][,netns=PATH]`: a network interface on a tap.
+pub fn parse_net(value: &str) -> Result<NetConfig, ConfigError> {
+    let (mut tap, mut mac, mut netns) = (None, None, None);
+    for part in value.split(',') {
+        match part.split_once('=') {
+            Some(("tap", n)) if !n.is_empty() => tap = Some(n.to_string()),
+            Some(("mac", m)) => {
+                mac = Some(
+                    parse_mac(m)
+                        .ok_or_else(|| invalid("--net", value, format!("bad MAC {m:?}")))?,
+                )
+            }
+            Some(("netns", p)) if !p.is_empty() => netns = Some(p.into()),
+            _ => return Err(invalid("--net", value, format!("unknown option {part:?}"))),
+        }
+    }
+    let name = tap.ok_or_else(|| invalid("--net", value, "tap=NAME is required"))?;
+    Ok(NetConfig {
+        tap: TapSource::Name { name, netns },
+        mac,
+    })
+}
+
+/// `cid=N,uds=PATH`: the vsock device.
+pub fn parse_vsock(value: &str) -> Result<VsockConfig, ConfigError> {
+    let (mut cid, mut uds) = (None, None);
+    for part in value.split(',') {
+        match part.split_once('=') {
+            Some(("cid", c)) => {
+                cid = Some(
+                    c.parse()
+                        .map_err(|_| invalid("--vsock", value, format!("bad cid {c:?}")))?,
+                )
+            }
+            Some(("uds", p)) if !p.is_empty() => uds = Some(p.into()),
+            _ => {
+                return Err(invalid(
+                    "--vsock",
+                    value,
+                    format!("unknown option {part:?}"),
+                ))
+            }
+        }
+    }
+    match (cid, uds) {
+        (Some(guest_cid), Some(uds_path)) => Ok(VsockConfig {
+            guest_cid,
+            uds_path,
+        }),
+        _ => Err(invalid("--vsock", value, "expected cid=N,uds=PATH")),
+    }
+}
 
 /// Command line used when none is given: serial console, keyboard-controller reboot (which
 /// ends the VM), panic reboots at once.
@@ -43,6 +148,12 @@ pub struct VmConfig {
     pub serial_input: Option<SerialInputSource>,
     /// Attach a virtio-rng device.
     pub rng: bool,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<BlockConfig>,
+    /// virtio-net interfaces on taps.
+    pub nets: Vec<NetConfig>,
+    /// The virtio-vsock device (hybrid vsock on Unix sockets).
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -59,6 +170,63 @@ impl VmConfig {
             serial_output: SerialOutput::Stdout,
             serial_input: None,
             rng: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_options() {
+        let d = parse_disk("/x/disk.img,ro,id=data").unwrap();
+        assert_eq!(
+            (d.path.to_str(), d.read_only, d.id.as_deref()),
+            (Some("/x/disk.img"), true, Some("data"))
+        );
+        assert!(!parse_disk("/d").unwrap().read_only);
+        let e = parse_disk("/d,rw").unwrap_err().to_string();
+        assert_eq!(e, "--disk \"/d,rw\": unknown option \"rw\"");
+        assert!(parse_disk(",ro").is_err());
+    }
+
+    #[test]
+    fn net_options() {
+        let n = parse_net("tap=tap0,mac=02:00:00:aa:bb:cc,netns=/var/run/netns/p").unwrap();
+        assert_eq!(n.mac, Some([2, 0, 0, 0xaa, 0xbb, 0xcc]));
+        match n.tap {
+            TapSource::Name { name, netns } => {
+                assert_eq!(name, "tap0");
+                assert_eq!(netns.unwrap().to_str(), Some("/var/run/netns/p"));
+            }
+            TapSource::Fd(_) => panic!("expected a tap name"),
+        }
+        assert!(parse_net("mac=02:00:00:aa:bb:cc")
+            .unwrap_err()
+            .to_string()
+            .contains("tap=NAME is required"));
+        assert!(parse_net("tap=t,mac=02:00:00:aa:bb")
+            .unwrap_err()
+            .to_string()
+            .contains("bad MAC"));
+        assert!(parse_net("tap=t,mac=2:0:0:a:b:c").is_err());
+    }
+
+    #[test]
+    fn vsock_options() {
+        let v = parse_vsock("cid=3,uds=/run/v.sock").unwrap();
+        assert_eq!((v.guest_cid, v.uds_path.to_str()), (3, Some("/run/v.sock")));
+        assert!(parse_vsock("cid=x,uds=/a")
+            .unwrap_err()
+            .to_string()
+            .contains("bad cid"));
+        assert!(parse_vsock("cid=3")
+            .unwrap_err()
+            .to_string()
+            .contains("expected cid=N,uds=PATH"));
     }
 }

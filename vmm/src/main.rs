@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use lexopt::prelude::*;
 use vmm::arch::cpuid::parse_features;
+use vmm::config;
 use vmm::doctor;
 use vmm::qemu::{Accel, QemuVm};
 use vmm::{SerialInputSource, SerialOutput, VmConfig};
@@ -14,7 +15,8 @@ const USAGE: &str = "\
 usage: kubevirt-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB]
                         [--vcpus N] [--hugepages] [--cpu-hide FEATURES]
                         [--serial-out FILE] [--serial-in stdin|unix:PATH] [--rng]
-                        [--machine builtin|qemu|auto]
+                        [--disk PATH[,ro][,id=NAME]]... [--net tap=NAME[,mac=MAC][,netns=PATH]]...
+                        [--vsock cid=N,uds=PATH] [--machine builtin|qemu|auto]
        kubevirt-vmm doctor [--verdict]
 
 run     boots the kernel (ELF vmlinux or bzImage) with the console on stdout (or FILE);
@@ -46,6 +48,9 @@ fn parse_run(mut p: lexopt::Parser) -> Result<(VmConfig, Machine)> {
             Long("vcpus") => cfg.vcpus = p.value()?.parse().context("--vcpus takes 1 to 254")?,
             Long("hugepages") => cfg.hugepages = true,
             Long("rng") => cfg.rng = true,
+            Long("disk") => cfg.disks.push(config::parse_disk(&p.value()?.string()?)?),
+            Long("net") => cfg.nets.push(config::parse_net(&p.value()?.string()?)?),
+            Long("vsock") => cfg.vsock = Some(config::parse_vsock(&p.value()?.string()?)?),
             Long("machine") => {
                 machine = match p.value()?.string()?.as_str() {
                     "builtin" => Machine::Builtin,

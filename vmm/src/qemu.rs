@@ -73,7 +73,7 @@ fn socket_dir() -> Result<PathBuf, QemuError> {
 impl QemuVm {
     /// Starts the device servers, then QEMU connected to them.
     pub fn start(mut config: VmConfig, accel: Accel) -> Result<Self, QemuError> {
-        let devices = create_devices(&config)?;
+        let devices = create_devices(&mut config)?;
         let dir = socket_dir()?;
         let mut args: Vec<String> = Vec::new();
         let mem = config.memory_mib;
