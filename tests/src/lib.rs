@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use vmm::{SerialOutput, VmConfig, VmExit};
 
 pub mod measure;
+pub mod netns;
 
 /// Path of tiny test guest `name` (assembled from `vmm/guests/<name>.S`).
 pub fn guest(name: &str) -> PathBuf {
