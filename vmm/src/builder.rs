@@ -110,6 +110,7 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
         vcpus,
         event_manager,
         reset_evt,
+        seccomp: config.seccomp,
     })
 }
 

@@ -154,6 +154,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The virtio-vsock device (hybrid vsock on Unix sockets).
     pub vsock: Option<VsockConfig>,
+    /// Confine every VMM thread with its seccomp filter before the guest runs.
+    pub seccomp: bool,
 }
 
 impl VmConfig {
@@ -173,6 +175,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            seccomp: true,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod guests;
 pub mod legacy;
 pub mod qemu;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vhost_user;
 pub mod virtio_mmio;

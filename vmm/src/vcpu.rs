@@ -157,6 +157,7 @@ impl Vcpu {
         self,
         exits: Sender<(u8, VcpuExitReason)>,
         exit_evt: EventFd,
+        seccomp: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
@@ -166,7 +167,16 @@ impl Vcpu {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let mut this = self;
-                let reason = this.run(&req_rx, &state_tx);
+                // Confined before the first guest instruction; unconfined is not an option.
+                let confined = match seccomp {
+                    true => crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu)
+                        .map_err(|e| VcpuExitReason::Kvm(e.to_string())),
+                    false => Ok(()),
+                };
+                let reason = match confined {
+                    Ok(()) => this.run(&req_rx, &state_tx),
+                    Err(reason) => reason,
+                };
                 KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
                 if reason != VcpuExitReason::Stopped {
                     let _ = exits.send((id, reason));

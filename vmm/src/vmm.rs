@@ -24,6 +24,8 @@ pub enum VmmError {
     Vcpu(#[from] VcpuError),
     #[error("cannot start the vmm thread: {0}")]
     Spawn(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// How a VM ended.
@@ -113,6 +115,8 @@ pub struct Vmm {
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) event_manager: EventManager<Subscriber>,
     pub(crate) reset_evt: EventFd,
+    /// Confine the vCPU and VMM threads (see `seccomp`).
+    pub(crate) seccomp: bool,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -289,13 +293,14 @@ impl Vmm {
             vcpus,
             mut event_manager,
             reset_evt,
+            seccomp,
         } = self;
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let started = vcpu_exit_evt
                 .try_clone()
                 .map_err(VmmError::EventFd)
-                .and_then(|evt| Ok(vcpu.start(exit_tx.clone(), evt)?));
+                .and_then(|evt| Ok(vcpu.start(exit_tx.clone(), evt, seccomp)?));
             match started {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -322,6 +327,13 @@ impl Vmm {
         })));
         let ctl = control.clone();
         let run = move || {
+            // The loop's own thread is confined before it handles any guest-driven event;
+            // running unconfined is not an option, so a failure ends the VM.
+            if seccomp {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vmm) {
+                    *lock(&result) = Some(VmExit::Error(e.to_string()));
+                }
+            }
             let exit = loop {
                 if let Some(exit) = lock(&result).take() {
                     break exit;
@@ -341,6 +353,8 @@ impl Vmm {
     }
 
     /// Starts the vCPUs and runs the event loop on the calling thread until the VM ends.
+    ///
+    /// With seccomp on, the calling thread gets the VMM thread's filter first, for good.
     pub fn run(self) -> Result<VmExit, VmmError> {
         let (done, _) = std::sync::mpsc::channel();
         let (_control, run) = self.launch(done)?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use devices::virtio::{UsedQueues, VirtioDevice, TRANSPORT_FEATURES};
+use devices::virtio::{device_type, UsedQueues, VirtioDevice, TRANSPORT_FEATURES};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
@@ -88,9 +88,19 @@ impl VhostUserBackendMut for VhostUserDevice {
     }
 
     fn features(&self) -> u64 {
-        lock(&self.device).features()
-            | TRANSPORT_FEATURES
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        let dev = lock(&self.device);
+        let features = dev.features() | TRANSPORT_FEATURES;
+        // QEMU's virtio-net front end sends VHOST_USER_SET_VRING_ENABLE when the device is
+        // realized, long before VHOST_USER_SET_FEATURES; the vhost crate takes that as a fatal
+        // protocol error (InactiveFeature) and drops the connection, leaving the guest a NIC
+        // that moves nothing. Without PROTOCOL_FEATURES QEMU sends no SET_VRING_ENABLE and the
+        // rings start enabled at SET_FEATURES; virtio-net needs none of the protocol features
+        // (QEMU serves its config space, one queue pair).
+        if dev.device_type() == device_type::NET {
+            features
+        } else {
+            features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        }
     }
 
     fn acked_features(&mut self, features: u64) {
