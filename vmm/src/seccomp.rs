@@ -214,8 +214,8 @@ mod tests {
     #[test]
     fn forbidden_ioctl_kills_the_process() {
         let status = in_child(ThreadKind::Vmm, || {
-            // SAFETY: TIOCGWINSZ on stdin with a valid buffer; forbidden by the filter.
             let mut ws = [0u16; 4];
+            // SAFETY: TIOCGWINSZ on stdin with a valid buffer; forbidden by the filter.
             unsafe { libc::ioctl(0, libc::TIOCGWINSZ, ws.as_mut_ptr()) };
         });
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
