@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmm::{SerialOutput, VmConfig, VmExit};
 
+pub mod blkbench;
 pub mod measure;
 pub mod netns;
 
@@ -90,4 +91,17 @@ pub fn run_with_timeout(cfg: VmConfig, timeout: Duration) -> VmExit {
             ))
         }
     }
+}
+
+/// The release `kubevirt-vmm` binary (`make build`). The tests crate cannot name another
+/// package's binary through `CARGO_BIN_EXE_*`, so this is where cargo puts it
+/// (`.cargo/config.toml` names the target); panics with what to run when it is missing.
+pub fn vmm_binary() -> PathBuf {
+    let path = workspace_root().join("target/x86_64-unknown-linux-gnu/release/kubevirt-vmm");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make build`",
+        path.display()
+    );
+    path
 }
