@@ -14,14 +14,23 @@
 #   $KUBEVIRT_CACHE/guest/<kernel key>/      vmlinux bzImage config kernel.release
 #                                            gen_init_cpio build.log inputs.txt
 #   $KUBEVIRT_CACHE/guest/initramfs/<initramfs key>/  test-initramfs.img init files.list
+#   $KUBEVIRT_CACHE/guest/devtest/<devtest key>/      devtest-initramfs.img init vsock-test
+#                                                     files.list
 #   $KUBEVIRT_CACHE/build/<kernel key>/      extracted source + objects while building
 #   $KUBEVIRT_CACHE/build/<kernel key>.log   full make log of the current/last build
 #   $KUBEVIRT_CACHE/guest.lock               flock: one build at a time
 # kernel key    = sha256(source identity, config.fragment, build.sh, compiler version)
 # initramfs key = sha256(kernel key, test-init.c, build.sh, compiler version)
+# devtest key   = sha256(kernel key, devtest-init.sh, vsock-test.c, build.sh, compiler
+#                 version, busybox binary)
 #
 # OUTDIR receives symlinks into the cache: vmlinux bzImage config kernel.release
-# test-initramfs.img.
+# test-initramfs.img devtest-initramfs.img.
+#
+# devtest-initramfs.img is the device tests' guest (tests/tests/devices_qemu.rs): Debian's
+# static busybox (package busybox-static) with its applet links, /bin/vsock-test (traffic
+# generator and checker for vsock and TCP, vsock-test.c) and /init (devtest-init.sh), which
+# runs the shell commands given on the kernel command line and reboots.
 set -euo pipefail
 
 log() { printf 'guest-kernel: %s\n' "$*"; }
@@ -33,6 +42,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 self=$here/build.sh
 fragment=$here/config.fragment
 init_src=$here/test-init.c
+devinit_src=$here/devtest-init.sh
+vsock_src=$here/vsock-test.c
+busybox=${BUSYBOX:-/bin/busybox}
 cache=${KUBEVIRT_CACHE:-/var/cache/kubevirt-shim}
 jobs=${KUBEVIRT_JOBS:-$(nproc)}
 # Reproducible build metadata (shows in the banner and `uname -v`).
@@ -41,7 +53,7 @@ export KBUILD_BUILD_USER=kubevirt KBUILD_BUILD_HOST=kubevirt-shim KBUILD_BUILD_V
 export SOURCE_DATE_EPOCH=1704067200
 export LC_ALL=C TZ=UTC
 
-for f in "$fragment" "$init_src"; do [[ -f $f ]] || die "missing $f"; done
+for f in "$fragment" "$init_src" "$devinit_src" "$vsock_src"; do [[ -f $f ]] || die "missing $f"; done
 
 # --- tools -----------------------------------------------------------------------------
 need=()
@@ -52,6 +64,9 @@ done
 [[ -f /usr/include/gelf.h ]] || need+=(libelf-dev)
 ((${#need[@]} == 0)) ||
   die "missing build tools; install them with: apt-get install ${need[*]} (or run make deps)"
+# The device tests' initramfs needs a static busybox.
+[[ -x $busybox ]] && ! readelf -l "$busybox" 2>/dev/null | grep -q INTERP ||
+  die "no static busybox at $busybox: apt-get install busybox-static (or run make deps)"
 # The static init needs glibc's libc.a.
 [[ -n $(gcc -print-file-name=libc.a | grep /) ]] ||
   die "gcc cannot link statically (no libc.a): apt-get install libc6-dev"
@@ -82,8 +97,12 @@ compiler: $cc_id"
 kkey=$(printf '%s\n' "$kernel_inputs" | sha256sum | cut -d' ' -f1)
 ikey=$(printf 'kubevirt-test-initramfs v1\nkernel: %s\ntest-init.c: %s\nbuild.sh: %s\ncompiler: %s\n' \
   "$kkey" "$(sha "$init_src")" "$(sha "$self")" "$cc_id" | sha256sum | cut -d' ' -f1)
+dkey=$(printf 'kubevirt-devtest-initramfs v1\nkernel: %s\ndevtest-init.sh: %s\nvsock-test.c: %s\nbuild.sh: %s\ncompiler: %s\nbusybox: %s\n' \
+  "$kkey" "$(sha "$devinit_src")" "$(sha "$vsock_src")" "$(sha "$self")" "$cc_id" \
+  "$(sha "$busybox")" | sha256sum | cut -d' ' -f1)
 kdir=$cache/guest/$kkey
 idir=$cache/guest/initramfs/$ikey
+ddir=$cache/guest/devtest/$dkey
 
 # --- helpers ------------------------------------------------------------------------------
 elapsed() { local s=$((SECONDS - $1)); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
@@ -192,9 +211,38 @@ EOF
   log "test initramfs built, cached in $idir"
 }
 
+build_devtest_initramfs() {
+  local tmp=$cache/guest/devtest/.tmp-$dkey.$$ applet dirs
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  gcc -static -Os -s -Wall -Wextra -Werror -ffile-prefix-map="$here/=" \
+    -o "$tmp/vsock-test" "$vsock_src" || die "compiling $vsock_src failed"
+  cp "$devinit_src" "$tmp/init"
+  cp "$busybox" "$tmp/busybox"
+  touch -d @0 "$tmp/vsock-test" "$tmp/init" "$tmp/busybox"
+  {
+    printf '%s\n' 'dir /dev 0755 0 0' 'nod /dev/console 0600 0 0 c 5 1' 'dir /proc 0755 0 0' \
+      'dir /sys 0755 0 0' 'dir /tmp 01777 0 0' 'dir /bin 0755 0 0' 'dir /sbin 0755 0 0' \
+      'dir /usr 0755 0 0' 'dir /usr/bin 0755 0 0' 'dir /usr/sbin 0755 0 0'
+    printf 'file /init %s 0755 0 0\n' "$tmp/init"
+    printf 'file /bin/busybox %s 0755 0 0\n' "$tmp/busybox"
+    printf 'file /bin/vsock-test %s 0755 0 0\n' "$tmp/vsock-test"
+    # Applet links, in busybox's own (stable) order; absolute targets.
+    "$tmp/busybox" --list-full | LC_ALL=C sort | while read -r applet; do
+      [[ $applet == */* && $applet != bin/busybox ]] || continue
+      printf 'slink /%s /bin/busybox 0777 0 0\n' "$applet"
+    done
+  } >"$tmp/files.list"
+  "$kdir/gen_init_cpio" -t 0 "$tmp/files.list" >"$tmp/devtest-initramfs.img" ||
+    die "gen_init_cpio failed on $tmp/files.list"
+  sed -i "s|$tmp/|$ddir/|" "$tmp/files.list"
+  rm -rf "$ddir"
+  mv -T "$tmp" "$ddir"
+  log "device test initramfs built, cached in $ddir"
+}
+
 # --- build what the cache lacks (under the lock), then link ---------------------------------
-if [[ ! -d $kdir || ! -d $idir ]]; then
-  mkdir -p "$cache/guest/initramfs" "$cache/build"
+if [[ ! -d $kdir || ! -d $idir || ! -d $ddir ]]; then
+  mkdir -p "$cache/guest/initramfs" "$cache/guest/devtest" "$cache/build"
   exec 9>"$cache/guest.lock"
   if ! flock -n 9; then
     log "waiting for another build to finish (lock $cache/guest.lock)"
@@ -208,6 +256,7 @@ if [[ ! -d $kdir || ! -d $idir ]]; then
     build_kernel
   fi
   [[ -d $idir ]] || build_initramfs
+  [[ -d $ddir ]] || build_devtest_initramfs
   exec 9>&-
 else
   log "cache hit: $kdir"
@@ -221,8 +270,9 @@ link() { # target name: replace OUTDIR/name atomically
 }
 for f in vmlinux bzImage config kernel.release; do link "$kdir/$f" "$f"; done
 link "$idir/test-initramfs.img" test-initramfs.img
+link "$ddir/devtest-initramfs.img" devtest-initramfs.img
 
 log "kernel release $(cat "$kdir/kernel.release")"
-for f in vmlinux bzImage config kernel.release test-initramfs.img; do
+for f in vmlinux bzImage config kernel.release test-initramfs.img devtest-initramfs.img; do
   printf '  %-45s %9s bytes\n' "$outdir/$f" "$(stat -L -c %s "$outdir/$f")"
 done

@@ -4,6 +4,7 @@ set -euo pipefail
 
 pkgs=(
   build-essential binutils cpio xz-utils     # tiny test guests, initramfs
+  busybox-static                               # device tests' guest (devtest-initramfs)
   linux-source-6.1 flex bison bc libelf-dev libssl-dev  # guest kernel
   qemu-system-x86                              # `qemu` back end, benchmark peer
 )

@@ -46,10 +46,37 @@ impl Rng {
 }
 
 /// Serves every available request; returns whether any buffer was used.
+///
+/// Re-enables driver notifications whenever it finds the ring empty: with EVENT_IDX that
+/// publishes avail_event, without which the driver stops notifying after its first buffer
+/// (and a read of `/dev/hwrng` waits forever). A ring that claims more buffers that cannot
+/// be popped (a corrupt avail index) ends the pass instead of spinning.
 fn serve(mem: &GuestMemoryMmap, queue: &mut Queue, served: &mut u64) -> bool {
     let mut used = false;
+    loop {
+        let _ = queue.disable_notification(mem);
+        let Some(popped) = serve_available(mem, queue, served, &mut used) else {
+            return used;
+        };
+        match queue.enable_notification(mem) {
+            Ok(true) if popped > 0 => continue,
+            _ => return used,
+        }
+    }
+}
+
+/// Serves the chains now in the ring; how many, or None if the used ring could not be
+/// written.
+fn serve_available(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    served: &mut u64,
+    used: &mut bool,
+) -> Option<usize> {
     let mut buf = vec![0u8; 4096];
+    let mut popped = 0;
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        popped += 1;
         let head = chain.head_index();
         let mut written: u32 = 0;
         // The iterator stops at a malformed descriptor (loop, out of bounds): what was
@@ -74,12 +101,12 @@ fn serve(mem: &GuestMemoryMmap, queue: &mut Queue, served: &mut u64) -> bool {
         }
         if let Err(e) = queue.add_used(mem, head, written) {
             log::warn!("rng: cannot return descriptor {head}: {e}");
-            break;
+            return None;
         }
         *served += u64::from(written);
-        used = true;
+        *used = true;
     }
-    used
+    Some(popped)
 }
 
 impl VirtioDevice for Rng {
@@ -175,8 +202,27 @@ mod tests {
 
     #[test]
     fn huge_request_is_capped() {
-        let (lens, _, _) = run(&[&[(0x1000, 0xf0000, W)]]);
+        let (lens, _, _) = run(&[&[(0x20000, 0xf0000, W)]]);
         assert_eq!(lens, vec![MAX_REQUEST]);
+    }
+
+    #[test]
+    fn event_idx_publishes_avail_event() {
+        // With EVENT_IDX the driver notifies only when its avail index passes avail_event:
+        // the device must move it on, or the driver never notifies again.
+        let mut d = Driver::new(1);
+        d.add_chain(0, &[(0x20000, 64, W)]);
+        let mut qs = d.queues();
+        qs[0].set_event_idx(true);
+        assert_eq!(Rng::new().process_queue(0, &mut refs(&mut qs), &d.mem), 1);
+        // avail_event sits after the used ring's elements: used + 4 + 8 * size.
+        let avail_event = 0x1000 + 0x800 + 4 + 8 * u64::from(crate::virtio::testing::QUEUE_SIZE);
+        let v = d.read(avail_event, 2);
+        assert_eq!(
+            u16::from_le_bytes([v[0], v[1]]),
+            1,
+            "notify on the next buffer"
+        );
     }
 
     #[test]

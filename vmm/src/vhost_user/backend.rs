@@ -1,11 +1,12 @@
 //! The adapter from our device trait to `vhost-user-backend`, and a server thread per device.
 
 use std::os::fd::RawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use devices::virtio::{device_type, UsedQueues, VirtioDevice, TRANSPORT_FEATURES};
+use devices::virtio::{UsedQueues, VirtioDevice, TRANSPORT_FEATURES};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
@@ -88,19 +89,9 @@ impl VhostUserBackendMut for VhostUserDevice {
     }
 
     fn features(&self) -> u64 {
-        let dev = lock(&self.device);
-        let features = dev.features() | TRANSPORT_FEATURES;
-        // QEMU's virtio-net front end sends VHOST_USER_SET_VRING_ENABLE when the device is
-        // realized, long before VHOST_USER_SET_FEATURES; the vhost crate takes that as a fatal
-        // protocol error (InactiveFeature) and drops the connection, leaving the guest a NIC
-        // that moves nothing. Without PROTOCOL_FEATURES QEMU sends no SET_VRING_ENABLE and the
-        // rings start enabled at SET_FEATURES; virtio-net needs none of the protocol features
-        // (QEMU serves its config space, one queue pair).
-        if dev.device_type() == device_type::NET {
-            features
-        } else {
-            features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-        }
+        lock(&self.device).features()
+            | TRANSPORT_FEATURES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn acked_features(&mut self, features: u64) {
@@ -183,15 +174,19 @@ type Daemon = VhostUserDaemon<Arc<Mutex<VhostUserDevice>>>;
 #[derive(Debug)]
 pub struct VhostUserServer {
     pub socket: PathBuf,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl VhostUserServer {
-    /// Waits until the frontend disconnected (QEMU exited).
-    pub fn join(mut self) {
-        if let Some(t) = self.thread.take() {
+    /// Waits until the frontend disconnected (QEMU exited). A frontend that never came
+    /// (QEMU failed to start) is stood in for by an empty connection, which ends the relay
+    /// and the library's session at once.
+    pub fn join(self) {
+        let _ = UnixStream::connect(&self.socket);
+        for t in self.threads {
             let _ = t.join();
         }
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
@@ -202,10 +197,17 @@ pub fn serve(
     device: Arc<Mutex<dyn VirtioDevice>>,
     socket: &Path,
 ) -> Result<VhostUserServer, VhostUserError> {
-    let mut listener = Listener::new(socket, true).map_err(|source| VhostUserError::Listen {
+    // The frontend connects to `socket`, where the relay (see proxy.rs) listens; the
+    // library listens on a private socket beside it, which the relay connects to.
+    let inner = socket.with_extension("lib.sock");
+    let listen_err = |source| VhostUserError::Listen {
         path: socket.to_owned(),
         source,
-    })?;
+    };
+    let mut listener = Listener::new(&inner, true).map_err(listen_err)?;
+    let _ = std::fs::remove_file(socket);
+    let public = UnixListener::bind(socket)
+        .map_err(|e| listen_err(vhost::vhost_user::Error::SocketError(e)))?;
     let backend_fd: Option<RawFd> = lock(&device).backend_fd();
     let adapter = Arc::new(Mutex::new(VhostUserDevice::new(device)));
     let queues = lock(&adapter).queue_count();
@@ -239,11 +241,28 @@ pub fn serve(
             }
         })
         .map_err(|source| VhostUserError::Spawn {
-            name: thread_name,
+            name: thread_name.clone(),
+            source,
+        })?;
+    let relay_name = format!("vu-relay-{name}");
+    let relay = std::thread::Builder::new()
+        .name(relay_name.clone())
+        .spawn(move || {
+            let relayed = public.accept().and_then(|(front, _)| {
+                let back = UnixStream::connect(&inner);
+                let _ = std::fs::remove_file(&inner);
+                super::proxy::relay(front, back?)
+            });
+            if let Err(e) = relayed {
+                log::debug!("vhost-user relay: {e}");
+            }
+        })
+        .map_err(|source| VhostUserError::Spawn {
+            name: relay_name,
             source,
         })?;
     Ok(VhostUserServer {
         socket: socket.to_owned(),
-        thread: Some(thread),
+        threads: vec![thread, relay],
     })
 }

@@ -5,5 +5,6 @@
 //! [`VhostUserDevice`] adapts one [`VirtioDevice`] to it.
 
 mod backend;
+mod proxy;
 
 pub use backend::{serve, VhostUserDevice, VhostUserError, VhostUserServer};
