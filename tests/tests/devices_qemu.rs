@@ -1,6 +1,8 @@
 //! Level 4 of the test ladder, devices: the guest kernel (`make guest`) on `kubevirt-vmm run
-//! --machine qemu` (QEMU microvm under TCG) with our virtio devices served over vhost-user,
-//! driven by the real Linux drivers.
+//! --machine auto` with our virtio devices, driven by the real Linux drivers. Where KVM
+//! emulates guest code (these machines) `auto` is the qemu machine: QEMU microvm under TCG
+//! with our devices served over vhost-user; where `doctor` says KVM is native it is the
+//! builtin VMM with the same devices over virtio-mmio, so the same tests cover both.
 //!
 //! The guest is `target/guest/devtest-initramfs.img` (busybox, `/bin/vsock-test` from
 //! guest-kernel/vsock-test.c, `/init` from guest-kernel/devtest-init.sh): each test passes a
@@ -233,7 +235,7 @@ struct Lines {
     closed: AtomicU32,
 }
 
-/// A running `kubevirt-vmm run --machine qemu`; killed (with QEMU, its process group) on drop.
+/// A running `kubevirt-vmm run --machine auto`; killed (with QEMU, its process group) on drop.
 struct Vm {
     child: Child,
     lines: Arc<Lines>,
@@ -262,7 +264,7 @@ impl Vm {
         cmd.args([
             "run",
             "--machine",
-            "qemu",
+            "auto",
             "--memory",
             "256",
             "--vcpus",
