@@ -208,7 +208,7 @@ impl QemuVm {
 
     fn finish(&mut self) {
         for s in self.servers.drain(..) {
-            s.join();
+            s.finish();
         }
         if let Some(c) = self.console.take() {
             let _ = c.join();

@@ -178,15 +178,20 @@ pub struct VhostUserServer {
 }
 
 impl VhostUserServer {
-    /// Waits until the frontend disconnected (QEMU exited). A frontend that never came
-    /// (QEMU failed to start) is stood in for by an empty connection, which ends the relay
-    /// and the library's session at once.
+    /// Waits until the frontend connected and then disconnected.
     pub fn join(self) {
-        let _ = UnixStream::connect(&self.socket);
         for t in self.threads {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Ends the session once the frontend is gone (QEMU exited or was killed). A frontend
+    /// that never came (QEMU failed to start) is stood in for by an empty connection, which
+    /// ends the relay and the library's session at once.
+    pub fn finish(self) {
+        let _ = UnixStream::connect(&self.socket);
+        self.join();
     }
 }
 
