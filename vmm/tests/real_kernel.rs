@@ -180,23 +180,24 @@ fn bzimage_boots_to_the_banner() {
 fn native_kvm_reaches_the_init_or_emulation_is_reported() {
     let kernel = artefact("vmlinux");
     let initrd = artefact("test-initramfs.img");
-    if native_kvm() {
-        let out = vmm()
-            .args([
-                "run",
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--initrd",
-                initrd.to_str().unwrap(),
-            ])
-            .args([
-                "--vcpus",
-                "2",
-                "--cmdline",
-                "console=ttyS0 reboot=k panic=1",
-            ])
-            .output()
-            .unwrap();
+    let native = native_kvm();
+    let mut cmd = vmm();
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd);
+    cmd.args([
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=1",
+    ]);
+    if !native {
+        cmd.args(["--cpu-hide", "xsave,cx16"]);
+    }
+    let out = cmd.output().unwrap();
+    if native {
         let text = String::from_utf8_lossy(&out.stdout);
         let hello = format!(
             "kubevirt-test-init: hello from pid 1, uname -r={}, cpus=2",
@@ -211,22 +212,6 @@ fn native_kvm_reaches_the_init_or_emulation_is_reported() {
     } else {
         // Here Linux dies inside KVM's emulator long before user space; the VMM must end
         // with a clear reason rather than hang or claim success.
-        let out = vmm()
-            .args([
-                "run",
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--initrd",
-                initrd.to_str().unwrap(),
-            ])
-            .args([
-                "--cpu-hide",
-                "xsave,cx16",
-                "--cmdline",
-                "console=ttyS0 reboot=k panic=1",
-            ])
-            .output()
-            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_ne!(out.status.code(), Some(0), "{err}");
         assert!(
