@@ -7,6 +7,7 @@ pkgs=(
   busybox-static                               # device tests' guest (devtest-initramfs)
   linux-source-6.1 flex bison bc libelf-dev libssl-dev  # guest kernel
   qemu-system-x86                              # `qemu` back end, benchmark peer
+  erofs-utils e2fsprogs                        # container image layers (EROFS), scratch disks (ext4)
 )
 missing=()
 for p in "${pkgs[@]}"; do

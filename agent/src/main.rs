@@ -1,1 +1,81 @@
-fn main() {}
+//! kubevirt-agent: PID 1 of a pod's VM. Mounts the basics, reaps orphans, and serves the shim
+//! over ttrpc on vsock; the shim drives containers through it (see protocol/proto/agent.proto).
+
+mod blockdev;
+mod cgroup;
+mod container;
+mod error;
+mod init;
+mod logger;
+mod network;
+mod reaper;
+mod resources;
+mod sandbox;
+mod service;
+mod spec;
+mod stdio;
+mod storage;
+
+use std::sync::Arc;
+
+use protocol::ttrpc::Server;
+
+/// Syncs disks and resets the VM: the VMMs treat a guest reset as a clean exit, and without
+/// ACPI a power-off would only halt the CPUs.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    storage::unmount_volumes();
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    loop {
+        std::thread::park();
+    }
+}
+
+fn serve() -> Result<(), String> {
+    init::leave_initramfs().map_err(|e| format!("leaving the initramfs: {e}"))?;
+    init::mount_basics().map_err(|e| format!("mounting the basics: {e}"))?;
+    let level = init::cmdline_option("log")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(log::LevelFilter::Info);
+    log::set_max_level(level);
+    logger::init_tracing(level);
+    if let Err(e) = network::loopback_up() {
+        log::warn!("{e}");
+    }
+    let exits = reaper::spawn().map_err(|e| format!("starting the reaper: {e}"))?;
+    let oom = cgroup::OomWatcher::spawn().map_err(|e| e.to_string())?;
+    let containers = Arc::new(container::Containers::new(exits, oom.clone()));
+    let service = service::AgentService {
+        containers,
+        oom,
+        ready_after_boot_ns: init::since_boot_ns(),
+    };
+    let addr = format!("vsock://-1:{}", protocol::AGENT_PORT);
+    let mut server = Server::new()
+        .bind(&addr)
+        .map_err(|e| format!("binding {addr}: {e}"))?
+        .register_service(protocol::agent_ttrpc::create_agent(Arc::new(service)))
+        // Stream reads and waits block a worker each; several per container.
+        .set_thread_count_max(512);
+    server.start().map_err(|e| format!("serving {addr}: {e}"))?;
+    log::info!(
+        "ready on {addr} after {} ms since boot",
+        init::since_boot_ns() / 1_000_000
+    );
+    loop {
+        std::thread::park();
+    }
+}
+
+fn main() {
+    logger::init(log::LevelFilter::Info);
+    if nix::unistd::getpid().as_raw() != 1 {
+        eprintln!("kubevirt-agent is the guest's init: it must run as PID 1 inside the pod VM");
+        std::process::exit(1);
+    }
+    if let Err(e) = serve() {
+        log::error!("{e}; shutting the VM down");
+        power_off();
+    }
+}

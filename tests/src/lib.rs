@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use vmm::{SerialOutput, VmConfig, VmExit};
 
+pub mod agent;
 pub mod blkbench;
+pub mod images;
 pub mod measure;
 pub mod netns;
 

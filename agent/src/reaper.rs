@@ -1,0 +1,111 @@
+//! PID 1 reaps every child and orphan. Exit statuses of processes the agent started are kept
+//! until a waiter collects them; libcontainer tolerates its helper processes being reaped here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use signal_hook::consts::SIGCHLD;
+use signal_hook::iterator::Signals;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit code, or 128 + signal for a process killed by a signal.
+    pub status: i32,
+    pub at_unix_ns: i64,
+}
+
+/// Exits reaped but not yet collected. Bounded: statuses of helper processes nobody waits
+/// for are dropped oldest first.
+#[derive(Debug, Default)]
+pub struct Exits {
+    done: Mutex<HashMap<i32, (u64, Exit)>>,
+    cond: Condvar,
+}
+
+const KEEP: usize = 4096;
+
+impl Exits {
+    fn record(&self, pid: i32, status: i32) {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = done.values().map(|(s, _)| *s).max().unwrap_or(0) + 1;
+        done.insert(
+            pid,
+            (
+                seq,
+                Exit {
+                    status,
+                    at_unix_ns: at,
+                },
+            ),
+        );
+        if done.len() > KEEP {
+            if let Some(oldest) = done.iter().min_by_key(|(_, (s, _))| *s).map(|(p, _)| *p) {
+                done.remove(&oldest);
+            }
+        }
+        self.cond.notify_all();
+    }
+
+    /// Blocks until `pid` has exited, and returns its exit without consuming it (several
+    /// waiters may ask; [`Exits::forget`] drops it).
+    pub fn wait(&self, pid: i32) -> Exit {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((_, exit)) = done.get(&pid) {
+                return *exit;
+            }
+            done = self.cond.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The exit of `pid` if it has ended.
+    pub fn try_get(&self, pid: i32) -> Option<Exit> {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pid)
+            .map(|(_, e)| *e)
+    }
+
+    pub fn forget(&self, pid: i32) {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
+    }
+}
+
+fn reap_all(exits: &Exits) {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => exits.record(pid.as_raw(), code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => exits.record(pid.as_raw(), 128 + sig as i32),
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Starts the reaper thread.
+pub fn spawn() -> std::io::Result<Arc<Exits>> {
+    let exits = Arc::new(Exits::default());
+    let mut signals = Signals::new([SIGCHLD])?;
+    let e = exits.clone();
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || {
+            reap_all(&e);
+            for _ in signals.forever() {
+                reap_all(&e);
+            }
+        })?;
+    Ok(exits)
+}

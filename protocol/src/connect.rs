@@ -1,0 +1,75 @@
+//! Reaching the agent from the host through the hybrid vsock device: connect to the device's
+//! Unix socket, ask for the guest port, then speak ttrpc on the same stream.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::agent_ttrpc::AgentClient;
+
+/// Why the agent could not be reached.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The vsock Unix socket could not be opened or used.
+    Socket(std::path::PathBuf, std::io::Error),
+    /// The device refused the port (nothing listens there yet) or answered garbage.
+    Refused(String),
+    /// ttrpc could not take over the stream.
+    Ttrpc(ttrpc::Error),
+    /// Nothing answered before the deadline.
+    Timeout(Duration, Box<ConnectError>),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Socket(p, e) => write!(f, "vsock socket {}: {e}", p.display()),
+            ConnectError::Refused(m) => write!(f, "vsock connect refused: {m}"),
+            ConnectError::Ttrpc(e) => write!(f, "ttrpc: {e}"),
+            ConnectError::Timeout(d, last) => write!(f, "agent not reachable within {d:?}: {last}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// One connection to guest `port` through the hybrid vsock socket `uds`.
+pub fn connect_stream(uds: &Path, port: u32) -> Result<UnixStream, ConnectError> {
+    let sock_err = |e| ConnectError::Socket(uds.to_path_buf(), e);
+    let mut s = UnixStream::connect(uds).map_err(sock_err)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(sock_err)?;
+    // Read the answer byte by byte: whatever follows belongs to the protocol on top.
+    let mut line = Vec::new();
+    let mut r = BufReader::with_capacity(1, &s);
+    r.read_until(b'\n', &mut line).map_err(sock_err)?;
+    let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+    if !line.starts_with("OK ") {
+        return Err(ConnectError::Refused(if line.is_empty() {
+            "connection closed".into()
+        } else {
+            line
+        }));
+    }
+    s.set_read_timeout(None).map_err(sock_err)?;
+    Ok(s)
+}
+
+/// A ttrpc client of the agent, retrying until it listens or `timeout` passes.
+pub fn connect_agent(uds: &Path, timeout: Duration) -> Result<AgentClient, ConnectError> {
+    let start = Instant::now();
+    loop {
+        match connect_stream(uds, crate::AGENT_PORT) {
+            Ok(s) => {
+                let client = ttrpc::Client::new(s.into_raw_fd()).map_err(ConnectError::Ttrpc)?;
+                return Ok(AgentClient::new(client));
+            }
+            Err(e) if start.elapsed() >= timeout => {
+                return Err(ConnectError::Timeout(timeout, Box::new(e)));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The shim <-> agent protocol: messages and the ttrpc service of `proto/agent.proto`.
+//!
+//! The agent serves [`agent_ttrpc::Agent`] on guest vsock port [`AGENT_PORT`]; the shim and the
+//! tests use [`agent_ttrpc::AgentClient`].
+
+#![allow(clippy::all, missing_debug_implementations, unused_qualifications)]
+
+/// Guest vsock port the agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+
+// `agent` (the messages) and `agent_ttrpc` (the client and server of the `Agent` service).
+include!(concat!(env!("OUT_DIR"), "/modules.rs"));
+
+mod connect;
+pub use connect::{connect_agent, connect_stream, ConnectError};
+
+pub use protobuf;
+pub use ttrpc;

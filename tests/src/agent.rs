@@ -1,0 +1,315 @@
+//! The agent test client: boots the pod guest (our kernel, the agent as /init) with
+//! `kubevirt-vmm run --machine auto`, connects to the agent over the hybrid vsock and offers the
+//! calls the tests make (container specs, run to completion, collect output).
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use protocol::agent::*;
+use protocol::agent_ttrpc::AgentClient;
+use protocol::ttrpc::context::{self, Context};
+
+use crate::{vmm_binary, workspace_root};
+
+/// Guest CID of the test VMs.
+pub const CID: u32 = 3;
+
+/// A disk of the test VM: path, serial, read-only.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub id: String,
+    pub read_only: bool,
+}
+
+/// What to boot.
+#[derive(Debug, Clone, Default)]
+pub struct GuestOptions {
+    pub disks: Vec<Disk>,
+    /// Extra `kubevirt-vmm run` arguments (e.g. `--net`).
+    pub extra: Vec<String>,
+    pub memory_mib: u32,
+}
+
+/// A booted pod guest; killed with its process group on drop.
+pub struct GuestVm {
+    child: Child,
+    console: Arc<Mutex<Vec<String>>>,
+    pub uds: PathBuf,
+    pub agent: AgentClient,
+    /// Process start to the first answered Ping.
+    pub ready_after: Duration,
+}
+
+pub fn guest_file(name: &str) -> PathBuf {
+    let p = workspace_root().join("target/guest").join(name);
+    assert!(p.exists(), "{} is missing: run `make guest`", p.display());
+    p
+}
+
+/// A deadline for calls that wait on the guest (TCG is slow, never this slow).
+pub fn ctx() -> Context {
+    context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
+}
+
+impl GuestVm {
+    pub fn boot(dir: &Path, o: &GuestOptions) -> GuestVm {
+        let uds = dir.join("vsock.sock");
+        let mut cmd = Command::new(vmm_binary());
+        cmd.args(["run", "--machine", "auto", "--vcpus", "2"])
+            .args(["--memory", &o.memory_mib.max(256).to_string()])
+            .arg("--kernel")
+            .arg(guest_file("vmlinux"))
+            .arg("--initrd")
+            .arg(guest_file("initramfs.img"))
+            .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 quiet"])
+            .args(["--vsock", &format!("cid={CID},uds={}", uds.display())]);
+        for d in &o.disks {
+            let ro = if d.read_only { ",ro" } else { "" };
+            cmd.args(["--disk", &format!("{}{ro},id={}", d.path.display(), d.id)]);
+        }
+        cmd.args(&o.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let start = Instant::now();
+        let mut child = cmd.spawn().expect("start kubevirt-vmm");
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let streams: [Box<dyn Read + Send>; 2] = [
+            Box::new(child.stdout.take().expect("stdout")),
+            Box::new(child.stderr.take().expect("stderr")),
+        ];
+        for s in streams {
+            let console = console.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(s).lines().map_while(Result::ok) {
+                    console.lock().unwrap().push(line);
+                }
+            });
+        }
+        let agent = match protocol::connect_agent(&uds, Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = child.kill();
+                panic!(
+                    "agent: {e}; console:\n{}",
+                    console.lock().unwrap().join("\n")
+                );
+            }
+        };
+        agent
+            .ping(ctx(), &PingRequest::new())
+            .expect("ping the agent");
+        let ready_after = start.elapsed();
+        GuestVm {
+            child,
+            console,
+            uds,
+            agent,
+            ready_after,
+        }
+    }
+
+    pub fn console(&self) -> String {
+        self.console.lock().unwrap().join("\n")
+    }
+
+    /// Asks the agent to shut down and waits for the VMM to exit cleanly.
+    pub fn shutdown(mut self) {
+        self.agent.shutdown(ctx(), &Empty::new()).expect("shutdown");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait for the VMM") {
+                assert!(
+                    s.success(),
+                    "VMM exited with {s} after shutdown; console:\n{}",
+                    self.console()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VM did not stop after shutdown; console:\n{}",
+                self.console()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl std::fmt::Debug for GuestVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestVm")
+            .field("pid", &self.child.id())
+            .field("uds", &self.uds)
+            .finish()
+    }
+}
+
+impl Drop for GuestVm {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let pid = self.child.id() as i32;
+            // SAFETY: signals our own child's process group (the VMM and its QEMU).
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal OCI spec for a busybox container running `args`.
+pub fn spec(args: &[&str], extra: serde_json::Value) -> Vec<u8> {
+    let mut s = serde_json::json!({
+        "ociVersion": "1.1.0",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"],
+                "effective": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"],
+                "permitted": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"]
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "ignored-in-guest",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}, {"type": "network", "path": "/var/run/netns/cni-test"}],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"]
+        }
+    });
+    merge(&mut s, extra);
+    serde_json::to_vec(&s).expect("spec JSON")
+}
+
+/// Deep-merges `extra` into `base` (objects merge, everything else replaces).
+pub fn merge(base: &mut serde_json::Value, extra: serde_json::Value) {
+    match (base, extra) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+/// An OCI process for exec.
+pub fn process(args: &[&str]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "terminal": false,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/bin"],
+        "cwd": "/"
+    }))
+    .expect("process JSON")
+}
+
+/// Reads a stream to its end.
+pub fn read_all(agent: &AgentClient, container: &str, exec_id: &str, stderr: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let req = ReadStreamRequest {
+            container_id: container.into(),
+            exec_id: exec_id.into(),
+            max_len: 65536,
+            ..Default::default()
+        };
+        let r = if stderr {
+            agent.read_stderr(ctx(), &req)
+        } else {
+            agent.read_stdout(ctx(), &req)
+        };
+        let data = r.expect("read stream").data;
+        if data.is_empty() {
+            return out;
+        }
+        out.extend_from_slice(&data);
+    }
+}
+
+/// Creates a container from the image and scratch disks.
+pub fn create(
+    agent: &AgentClient,
+    id: &str,
+    image: &str,
+    scratch: &str,
+    spec: Vec<u8>,
+) -> protocol::ttrpc::Result<Empty> {
+    let req = CreateContainerRequest {
+        container_id: id.into(),
+        oci_spec: spec,
+        rootfs: protobuf::MessageField::some(Rootfs {
+            image_device_id: image.into(),
+            scratch_device_id: scratch.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    agent.create_container(ctx(), &req)
+}
+
+pub fn container(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    }
+}
+
+pub fn proc_req(id: &str, exec_id: &str) -> ProcessRequest {
+    ProcessRequest {
+        container_id: id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    }
+}
+
+/// Starts a created container and returns (stdout, stderr, exit status) once it ends.
+pub fn run_to_end(agent: &AgentClient, id: &str) -> (String, String, i32) {
+    agent
+        .start_container(ctx(), &container(id))
+        .expect("start container");
+    let err = {
+        let a = agent.clone();
+        let id = id.to_owned();
+        thread::spawn(move || read_all(&a, &id, "", true))
+    };
+    let out = read_all(agent, id, "", false);
+    let err = err.join().expect("stderr reader");
+    let exit = agent
+        .wait_process(ctx(), &proc_req(id, ""))
+        .expect("wait")
+        .exit_status;
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        exit,
+    )
+}
+
+/// The ttrpc status message of a failed call.
+pub fn error_text(e: &protocol::ttrpc::Error) -> String {
+    match e {
+        protocol::ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,85 @@
+//! Disk images for the guest tests: a busybox container image as EROFS (the read-only layer the
+//! shim makes of an OCI image), and sparse ext4 disks (scratch layers, volumes).
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Debian's static busybox, the one program of the test image.
+pub fn busybox() -> PathBuf {
+    let p = PathBuf::from("/bin/busybox");
+    assert!(
+        p.exists(),
+        "/bin/busybox is missing: install busybox-static (make deps)"
+    );
+    p
+}
+
+/// Lays out a busybox root file system in `root`: the binary, a link per applet, /etc basics
+/// and the empty mount points a container runtime expects.
+pub fn busybox_rootfs(root: &Path) {
+    let bin = root.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    fs::copy(busybox(), bin.join("busybox")).unwrap();
+    let list = Command::new(busybox())
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = symlink("busybox", bin.join(applet));
+        }
+    }
+    for d in [
+        "proc", "sys", "dev", "tmp", "etc", "root", "data", "var", "run",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )
+    .unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    fs::write(root.join("etc/image-marker"), "busybox test image\n").unwrap();
+}
+
+/// A busybox test image as EROFS at `path`.
+pub fn busybox_erofs(path: &Path) {
+    let root = path.with_extension("rootfs");
+    let _ = fs::remove_dir_all(&root);
+    busybox_rootfs(&root);
+    run(Command::new("mkfs.erofs")
+        .args(["--quiet", "--all-root", "-T0"])
+        .arg(path)
+        .arg(&root));
+    fs::remove_dir_all(&root).unwrap();
+}
+
+/// A sparse, empty ext4 disk of `mib` MiB at `path`.
+pub fn ext4(path: &Path, mib: u64) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(mib << 20).unwrap();
+    drop(f);
+    run(Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-E",
+            "nodiscard,lazy_itable_init=1",
+            "-O",
+            "^has_journal",
+        ])
+        .arg(path));
+}
