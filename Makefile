@@ -17,16 +17,21 @@ deps:
 	@./scripts/deps.sh
 
 BIN_DIR := target/x86_64-unknown-linux-gnu/release
-BINARIES := kubevirt-vmm kubevirt-bench kubevirt-min-vmm
+BINARIES := kubevirt-vmm kubevirt-bench kubevirt-min-vmm kubevirt-agent
 
 build:
 	$(CARGO) build --workspace --release
 	@mkdir -p target/release
 	@for b in $(BINARIES); do ln -sf ../x86_64-unknown-linux-gnu/release/$$b target/release/$$b; done
 
-# Guest kernel (cached by source version + config fragment) and initramfs.
+# Guest kernel (cached by source version + config fragment) and the pod initramfs with the
+# agent as /init (target/guest/initramfs.img; packing it takes a second).
 guest: deps
 	@./guest-kernel/build.sh $(GUEST_DIR)
+	$(CARGO) build --release -p agent
+	@./guest-kernel/initramfs.sh $(BIN_DIR)/kubevirt-agent $(GUEST_DIR)
+	@echo "guest: kernel $(GUEST_DIR)/vmlinux -> $$(readlink -f $(GUEST_DIR)/vmlinux)"
+	@echo "guest: initramfs $(GUEST_DIR)/initramfs.img"
 
 lint:
 	$(CARGO) fmt --all -- --check

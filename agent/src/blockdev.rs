@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{AgentError, Result};
 
-/// How long a hot-plugged or slow-probing disk may take to appear.
-const APPEAR_TIMEOUT: Duration = Duration::from_secs(10);
+/// virtio-mmio disks are probed before init runs; a short grace covers a slow probe.
+const APPEAR_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn scan(serial: &str) -> Option<PathBuf> {
     for entry in fs::read_dir("/sys/block").ok()?.flatten() {

@@ -7,12 +7,15 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use protocol::agent::*;
 use protocol::ttrpc::Code;
 use tests::agent::*;
 use tests::images;
+use tests::netns::NetNs;
 
 /// A temporary directory for one test's disks and sockets, removed on drop.
 struct Scratch(PathBuf);
@@ -199,5 +202,422 @@ fn container_lifecycle_echo_exit_code_exec_signal_stats() {
     a.remove_container(ctx(), &container("sleeper")).unwrap();
     let e = a.stats_container(ctx(), &container("sleeper")).unwrap_err();
     assert_eq!(code_of(&e), Code::NOT_FOUND);
+    vm.shutdown();
+}
+
+#[test]
+fn oom_kill_past_the_memory_limit_arrives_as_an_event() {
+    let dir = Scratch::new("oom");
+    let vm = boot(&dir, standard_disks(&dir, 1), vec![]);
+    let a = vm.agent.clone();
+    let oom = thread::spawn(move || a.get_oom_event(ctx(), &Empty::new()));
+    let a = &vm.agent;
+    // awk doubles a string until the 32 MiB limit stops it.
+    let limits = serde_json::json!({"linux": {"resources": {"memory": {"limit": 32 << 20}}}});
+    create(
+        a,
+        "hog",
+        "img",
+        "s0",
+        spec(&["awk", "BEGIN { s = \"x\"; while (1) s = s s }"], limits),
+    )
+    .unwrap();
+    let stats = a.stats_container(ctx(), &container("hog")).unwrap();
+    assert_eq!(stats.memory_limit_bytes, 32 << 20);
+    let (_, _, code) = run_to_end(a, "hog");
+    assert_eq!(code, 137, "the OOM killer's SIGKILL");
+    let event = oom.join().unwrap().expect("OOM event");
+    assert_eq!(event.container_id, "hog");
+    let stats = a.stats_container(ctx(), &container("hog")).unwrap();
+    assert!(stats.oom_kills >= 1, "{stats:?}");
+    a.remove_container(ctx(), &container("hog")).unwrap();
+    vm.shutdown();
+}
+
+fn mount_data_volume(a: &protocol::agent_ttrpc::AgentClient) {
+    let req = MountVolumeRequest {
+        name: "data".into(),
+        device_id: "vol1".into(),
+        fstype: "ext4".into(),
+        ..Default::default()
+    };
+    a.mount_volume(ctx(), &req).unwrap();
+}
+
+fn data_mount() -> serde_json::Value {
+    serde_json::json!({"destination": "/data", "type": "bind", "source": "/run/kubevirt/volumes/data", "options": ["rbind", "rw"]})
+}
+
+#[test]
+fn two_containers_share_the_network_not_the_filesystem_and_a_volume_survives_restart() {
+    let dir = Scratch::new("pod");
+    let vol = dir.join("volume.ext4");
+    images::ext4(&vol, 64);
+    let mut disks = standard_disks(&dir, 2);
+    disks.push(Disk {
+        path: vol,
+        id: "vol1".into(),
+        read_only: false,
+    });
+    let vm = boot(&dir, disks.clone(), vec![]);
+    let a = &vm.agent;
+    mount_data_volume(a);
+
+    let server = "mkdir /www && echo served-by-c1 > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www";
+    create(
+        a,
+        "c1",
+        "img",
+        "s0",
+        spec(&["sh", "-c", server], serde_json::json!({})),
+    )
+    .unwrap();
+    a.start_container(ctx(), &container("c1")).unwrap();
+    let client = "test ! -e /www && echo separate-fs; \
+        i=0; until wget -q -O - http://127.0.0.1:8080/index.html; do i=$((i+1)); [ $i -lt 100 ] || exit 9; sleep 0.1; done; \
+        echo data-v1 > /data/file && sync";
+    let mounts = serde_json::json!({"mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}, data_mount()]});
+    create(a, "c2", "img", "s1", spec(&["sh", "-c", client], mounts)).unwrap();
+    let (out, err, code) = run_to_end(a, "c2");
+    assert_eq!(
+        (out.as_str(), code),
+        ("separate-fs\nserved-by-c1\n", 0),
+        "stderr: {err}"
+    );
+    let kill = SignalRequest {
+        container_id: "c1".into(),
+        signal: 9,
+        all: true,
+        ..Default::default()
+    };
+    a.signal_process(ctx(), &kill).unwrap();
+    assert_eq!(
+        a.wait_process(ctx(), &proc_req("c1", ""))
+            .unwrap()
+            .exit_status,
+        137
+    );
+    for c in ["c1", "c2"] {
+        a.remove_container(ctx(), &container(c)).unwrap();
+    }
+    vm.shutdown();
+
+    // The same volume in a new VM: the data is there.
+    let vm = boot(&dir, disks, vec![]);
+    let a = &vm.agent;
+    mount_data_volume(a);
+    let mounts = serde_json::json!({"mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}, data_mount()]});
+    create(
+        a,
+        "reader",
+        "img",
+        "s0",
+        spec(&["cat", "/data/file"], mounts),
+    )
+    .unwrap();
+    let (out, err, code) = run_to_end(a, "reader");
+    assert_eq!((out.as_str(), code), ("data-v1\n", 0), "stderr: {err}");
+    vm.shutdown();
+}
+
+#[test]
+fn malformed_requests_are_refused_clearly_and_the_agent_keeps_serving() {
+    let dir = Scratch::new("bad");
+    let vm = boot(&dir, standard_disks(&dir, 1), vec![]);
+    let a = &vm.agent;
+    let refused = |r: Result<(), protocol::ttrpc::Error>, code: Code, text: &str| {
+        let e = r.expect_err(text);
+        assert_eq!(code_of(&e), code, "{}", error_text(&e));
+        assert!(
+            error_text(&e).contains(text),
+            "want {text:?} in {:?}",
+            error_text(&e)
+        );
+    };
+    let ok = serde_json::json!({});
+    refused(
+        a.start_container(ctx(), &container("ghost")).map(drop),
+        Code::NOT_FOUND,
+        "container \"ghost\" not found",
+    );
+    refused(
+        create(a, "c", "img", "s0", b"{not json".to_vec()).map(drop),
+        Code::INVALID_ARGUMENT,
+        "invalid OCI spec",
+    );
+    let escape = serde_json::json!({"mounts": [{"destination": "/host", "type": "bind", "source": "/", "options": ["rbind"]}]});
+    refused(
+        create(a, "c", "img", "s0", spec(&["true"], escape)).map(drop),
+        Code::INVALID_ARGUMENT,
+        "outside the pod's volumes",
+    );
+    refused(
+        create(a, "../c", "img", "s0", spec(&["true"], ok.clone())).map(drop),
+        Code::INVALID_ARGUMENT,
+        "one path component",
+    );
+    refused(
+        create(a, "c", "nosuchdisk", "s0", spec(&["true"], ok.clone())).map(drop),
+        Code::FAILED_PRECONDITION,
+        "no block device with serial \"nosuchdisk\"",
+    );
+    let copy = CopyFileRequest {
+        path: "../../etc/passwd".into(),
+        data: b"x".to_vec(),
+        ..Default::default()
+    };
+    refused(
+        a.copy_file(ctx(), &copy).map(drop),
+        Code::INVALID_ARGUMENT,
+        "stay inside it",
+    );
+    let exec = ExecProcessRequest {
+        container_id: "ghost".into(),
+        exec_id: "e".into(),
+        process: process(&["true"]),
+        ..Default::default()
+    };
+    refused(
+        a.exec_process(ctx(), &exec).map(drop),
+        Code::NOT_FOUND,
+        "ghost",
+    );
+
+    // Nothing of the refused creates is left: the same id and disks work now.
+    create(a, "c", "img", "s0", spec(&["sh", "-c", "echo fine"], ok)).unwrap();
+    let bad_signal = SignalRequest {
+        container_id: "c".into(),
+        signal: 999,
+        ..Default::default()
+    };
+    refused(
+        a.signal_process(ctx(), &bad_signal).map(drop),
+        Code::INVALID_ARGUMENT,
+        "999 is not a signal",
+    );
+    let resize = ResizeTtyRequest {
+        container_id: "c".into(),
+        rows: 10,
+        cols: 10,
+        ..Default::default()
+    };
+    refused(
+        a.resize_tty(ctx(), &resize).map(drop),
+        Code::INVALID_ARGUMENT,
+        "no terminal",
+    );
+    refused(
+        create(a, "c", "img", "s0", spec(&["true"], serde_json::json!({}))).map(drop),
+        Code::ALREADY_EXISTS,
+        "already exists",
+    );
+    let (out, _, code) = run_to_end(a, "c");
+    assert_eq!((out.as_str(), code), ("fine\n", 0));
+    a.ping(ctx(), &PingRequest::new()).unwrap();
+    vm.shutdown();
+}
+
+const GUEST_MAC: &str = "02:4b:56:00:00:02";
+
+fn wait_for_tap(ns: &NetNs, tap: &str, vm: &GuestVm) {
+    let t0 = Instant::now();
+    while !Command::new("ip")
+        .args(["-n", &ns.name, "link", "show", tap])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "tap {tap} never appeared; console:\n{}",
+            vm.console()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sandbox_network_files_time_and_a_terminal() {
+    let dir = Scratch::new("sandbox");
+    let ns = NetNs::new("kvagent");
+    let tap = format!("kva{}", std::process::id() % 100_000);
+    let net = vec![
+        "--net".to_string(),
+        format!("tap={tap},mac={GUEST_MAC},netns={}", ns.path().display()),
+    ];
+    let vm = boot(&dir, standard_disks(&dir, 2), net);
+    let a = &vm.agent;
+    wait_for_tap(&ns, &tap, &vm);
+    ns.exec(&["ip", "addr", "add", "10.202.0.1/24", "dev", &tap]);
+    ns.exec(&["ip", "link", "set", &tap, "up"]);
+
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let setup = SetupSandboxRequest {
+        hostname: "pod-a".into(),
+        dns_servers: vec!["10.96.0.10".into()],
+        dns_searches: vec!["default.svc.cluster.local".into()],
+        dns_options: vec!["ndots:5".into()],
+        host_time_unix_ns: now_ns,
+        ..Default::default()
+    };
+    a.setup_sandbox(ctx(), &setup).unwrap();
+    let iface = Interface {
+        mac: GUEST_MAC.into(),
+        name: "eth0".into(),
+        mtu: 1400,
+        addresses: vec![IpAddress {
+            address: "10.202.0.2".into(),
+            prefix_len: 24,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let route = Route {
+        destination: "default".into(),
+        gateway: "10.202.0.1".into(),
+        device: "eth0".into(),
+        ..Default::default()
+    };
+    let netreq = ConfigureNetworkRequest {
+        interfaces: vec![iface],
+        routes: vec![route],
+        ..Default::default()
+    };
+    a.configure_network(ctx(), &netreq).unwrap();
+    // The pod IP answers from the test's namespace.
+    let t0 = Instant::now();
+    while !Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "10.202.0.2",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        if t0.elapsed() > Duration::from_secs(30) {
+            create(
+                a,
+                "diag",
+                "img",
+                "s1",
+                spec(
+                    &[
+                        "sh",
+                        "-c",
+                        "ip addr; ip route; cat /proc/net/dev /proc/interrupts",
+                    ],
+                    serde_json::json!({}),
+                ),
+            )
+            .unwrap();
+            let (out, err, _) = run_to_end(a, "diag");
+            let host = Command::new("sh")
+                .args([
+                    "-c",
+                    &format!(
+                        "ip -n {0} -s link; ip -n {0} addr; ip -n {0} route",
+                        ns.name
+                    ),
+                ])
+                .output()
+                .unwrap();
+            panic!(
+                "pod IP never answered; guest network:\n{out}{err}\nhost tap:\n{}\nconsole:\n{}",
+                String::from_utf8_lossy(&host.stdout),
+                vm.console()
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    let copy = |data: &str| {
+        let req = CopyFileRequest {
+            path: "cm/app.conf".into(),
+            data: data.as_bytes().to_vec(),
+            mode: 0o640,
+            ..Default::default()
+        };
+        a.copy_file(ctx(), &req).unwrap();
+    };
+    copy("key=value1\n");
+    let mounts = serde_json::json!({"mounts": [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/etc/config", "type": "bind", "source": "/run/kubevirt/files/cm", "options": ["rbind", "ro"]},
+        {"destination": "/etc/resolv.conf", "type": "bind", "source": "/run/kubevirt/sandbox/resolv.conf", "options": ["rbind", "ro"]}
+    ]});
+    let script = "hostname; cat /etc/config/app.conf; stat -c %a /etc/config/app.conf; cat /etc/resolv.conf; \
+        ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; ip link show eth0 | grep -o 'mtu [0-9]*'; ip route | grep default; date +%Y; sleep 1000";
+    create(a, "app", "img", "s0", spec(&["sh", "-c", script], mounts)).unwrap();
+    a.start_container(ctx(), &container("app")).unwrap();
+    let mut out = String::new();
+    let year = Command::new("date").arg("+%Y").output().unwrap();
+    let year = String::from_utf8_lossy(&year.stdout).trim().to_owned();
+    while !out.contains(&format!("\n{year}\n")) {
+        let req = ReadStreamRequest {
+            container_id: "app".into(),
+            max_len: 4096,
+            ..Default::default()
+        };
+        let chunk = a.read_stdout(ctx(), &req).unwrap().data;
+        assert!(!chunk.is_empty(), "stdout ended early: {out:?}");
+        out.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let want = format!(
+        "pod-a\nkey=value1\n640\nnameserver 10.96.0.10\nsearch default.svc.cluster.local\noptions ndots:5\n\
+         inet 10.202.0.2/24\nmtu 1400\ndefault via 10.202.0.1 dev eth0 \n{year}\n"
+    );
+    assert_eq!(out, want);
+
+    // An updated file reaches the running container; a terminal exec sees its size.
+    copy("key=value2\n");
+    let mut tty = serde_json::from_slice::<serde_json::Value>(&process(&[
+        "sh",
+        "-c",
+        "read go; cat /etc/config/app.conf; stty size; tty",
+    ]))
+    .unwrap();
+    tty["terminal"] = serde_json::json!(true);
+    let exec = ExecProcessRequest {
+        container_id: "app".into(),
+        exec_id: "tty".into(),
+        process: serde_json::to_vec(&tty).unwrap(),
+        stdin: true,
+        ..Default::default()
+    };
+    a.exec_process(ctx(), &exec).unwrap();
+    let resize = ResizeTtyRequest {
+        container_id: "app".into(),
+        exec_id: "tty".into(),
+        rows: 40,
+        cols: 100,
+        ..Default::default()
+    };
+    a.resize_tty(ctx(), &resize).unwrap();
+    let stdin = WriteStreamRequest {
+        container_id: "app".into(),
+        exec_id: "tty".into(),
+        data: b"go\n".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(a.write_stdin(ctx(), &stdin).unwrap().len, 3);
+    let out = String::from_utf8_lossy(&read_all(a, "app", "tty", false)).replace('\r', "");
+    assert!(out.contains("key=value2\n40 100\n/dev/pts/"), "{out:?}");
+    assert_eq!(
+        a.wait_process(ctx(), &proc_req("app", "tty"))
+            .unwrap()
+            .exit_status,
+        0
+    );
     vm.shutdown();
 }

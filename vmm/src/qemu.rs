@@ -126,7 +126,11 @@ impl QemuVm {
                 device_type::NET => {
                     args.push("-netdev".into());
                     args.push(format!("vhost-user,id=net{i},chardev={chardev}"));
-                    format!("virtio-net-device,netdev=net{i}")
+                    // QEMU keeps the config space of vhost-user-net itself: hand it our MAC.
+                    let mut mac = [0u8; 6];
+                    crate::bus::lock(&device).read_config(0, &mut mac);
+                    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+                    format!("virtio-net-device,netdev=net{i},mac={mac}")
                 }
                 kind => return Err(QemuError::Unsupported { name, kind }),
             };
