@@ -40,6 +40,7 @@ fn serve() -> Result<(), String> {
         .unwrap_or(log::LevelFilter::Info);
     log::set_max_level(level);
     logger::init_tracing(level);
+    logger::connect_vsock();
     if let Err(e) = network::loopback_up() {
         log::warn!("{e}");
     }

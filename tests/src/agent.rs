@@ -3,6 +3,7 @@
 //! calls the tests make (container specs, run to completion, collect output).
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +16,9 @@ use protocol::agent_ttrpc::AgentClient;
 use protocol::ttrpc::context::{self, Context};
 
 use crate::{vmm_binary, workspace_root};
+
+/// Host vsock port the agent sends its log lines to.
+pub const LOG_PORT: u32 = 1025;
 
 /// Guest CID of the test VMs.
 pub const CID: u32 = 3;
@@ -34,6 +38,8 @@ pub struct GuestOptions {
     /// Extra `kubevirt-vmm run` arguments (e.g. `--net`).
     pub extra: Vec<String>,
     pub memory_mib: u32,
+    /// Listen on the agent's vsock log port and collect its lines ([`GuestVm::agent_log`]).
+    pub collect_log: bool,
 }
 
 /// A booted pod guest; killed with its process group on drop.
@@ -44,6 +50,7 @@ pub struct GuestVm {
     pub agent: AgentClient,
     /// Process start to the first answered Ping.
     pub ready_after: Duration,
+    log: Arc<Mutex<String>>,
 }
 
 pub fn guest_file(name: &str) -> PathBuf {
@@ -60,6 +67,22 @@ pub fn ctx() -> Context {
 impl GuestVm {
     pub fn boot(dir: &Path, o: &GuestOptions) -> GuestVm {
         let uds = dir.join("vsock.sock");
+        let log = Arc::new(Mutex::new(String::new()));
+        if o.collect_log {
+            // A guest connection to host port P reaches the listener at `<uds>_P`.
+            let path = format!("{}_{}", uds.display(), LOG_PORT);
+            let listener = UnixListener::bind(&path).expect("bind the agent log socket");
+            let log = log.clone();
+            thread::spawn(move || {
+                if let Ok((s, _)) = listener.accept() {
+                    for line in BufReader::new(s).lines().map_while(Result::ok) {
+                        let mut l = log.lock().unwrap();
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                }
+            });
+        }
         let mut cmd = Command::new(vmm_binary());
         cmd.args(["run", "--machine", "auto", "--vcpus", "2"])
             .args(["--memory", &o.memory_mib.max(256).to_string()])
@@ -113,7 +136,25 @@ impl GuestVm {
             uds,
             agent,
             ready_after,
+            log,
         }
+    }
+
+    /// What the agent sent to its vsock log port so far.
+    pub fn agent_log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` for a vsock log line containing `needle`.
+    pub fn wait_agent_log(&self, needle: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while !self.agent_log().contains(needle) {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 
     pub fn console(&self) -> String {

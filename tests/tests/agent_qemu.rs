@@ -66,6 +66,7 @@ fn boot(dir: &Scratch, disks: Vec<Disk>, extra: Vec<String>) -> GuestVm {
             disks,
             extra,
             memory_mib: 256,
+            collect_log: true,
         },
     );
     println!(
@@ -202,6 +203,12 @@ fn container_lifecycle_echo_exit_code_exec_signal_stats() {
     a.remove_container(ctx(), &container("sleeper")).unwrap();
     let e = a.stats_container(ctx(), &container("sleeper")).unwrap_err();
     assert_eq!(code_of(&e), Code::NOT_FOUND);
+    // The agent's log reaches the host over vsock as well as the console.
+    assert!(
+        vm.wait_agent_log("container sleeper: removed", Duration::from_secs(10)),
+        "vsock log:\n{}",
+        vm.agent_log()
+    );
     vm.shutdown();
 }
 
