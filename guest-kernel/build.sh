@@ -2,6 +2,7 @@
 # Builds the guest kernel (vmlinux, bzImage) and the test initramfs, cached outside the clone.
 #
 #   guest-kernel/build.sh OUTDIR
+#   guest-kernel/build.sh --key    prints the kernel cache key and whether it is cached
 #
 # Inputs (environment):
 #   KERNEL_SRC_TARBALL  Linux source tarball (default /usr/src/linux-source-6.1.tar.xz,
@@ -9,6 +10,7 @@
 #   KERNEL_SRC          a clean kernel source directory instead of the tarball
 #   KUBEVIRT_CACHE      cache root (default /var/cache/kubevirt-shim)
 #   KUBEVIRT_JOBS       parallel make jobs (default: nproc)
+#   KUBEVIRT_FRAGMENT   config fragment (default guest-kernel/config.fragment)
 #
 # Cache layout (every entry is written to a temporary directory and renamed into place):
 #   $KUBEVIRT_CACHE/guest/<kernel key>/      vmlinux bzImage config kernel.release
@@ -36,11 +38,11 @@ set -euo pipefail
 log() { printf 'guest-kernel: %s\n' "$*"; }
 die() { printf 'guest-kernel: error: %s\n' "$*" >&2; exit 1; }
 
-(($# == 1)) || die "usage: $0 OUTDIR"
+(($# == 1)) || die "usage: $0 OUTDIR | --key"
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 self=$here/build.sh
-fragment=$here/config.fragment
+fragment=${KUBEVIRT_FRAGMENT:-$here/config.fragment}
 init_src=$here/test-init.c
 devinit_src=$here/devtest-init.sh
 vsock_src=$here/vsock-test.c
@@ -103,6 +105,11 @@ dkey=$(printf 'kubevirt-devtest-initramfs v1\nkernel: %s\ndevtest-init.sh: %s\nv
 kdir=$cache/guest/$kkey
 idir=$cache/guest/initramfs/$ikey
 ddir=$cache/guest/devtest/$dkey
+if [[ $1 == --key ]]; then
+  [[ -f $kdir/vmlinux ]] && state=cached || state=missing
+  printf 'kernel key %s %s\n' "$kkey" "$state"
+  exit 0
+fi
 
 # --- helpers ------------------------------------------------------------------------------
 elapsed() { local s=$((SECONDS - $1)); printf '%dm%02ds' $((s / 60)) $((s % 60)); }

@@ -8,6 +8,7 @@ pkgs=(
   linux-source-6.1 flex bison bc libelf-dev libssl-dev  # guest kernel
   qemu-system-x86                              # `qemu` back end, benchmark peer
   erofs-utils e2fsprogs                        # container image layers (EROFS), scratch disks (ext4)
+  libseccomp-dev                               # the agent applies container seccomp profiles
 )
 missing=()
 for p in "${pkgs[@]}"; do

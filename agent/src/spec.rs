@@ -152,12 +152,6 @@ pub fn prepare(json: &[u8], container_id: &str, rootfs: &Path) -> Result<Spec> {
         }
         *namespaces = kept;
     }
-    if linux.seccomp().is_some() {
-        return Err(AgentError::invalid(
-            "OCI spec",
-            "linux.seccomp is not supported by this agent build (no libseccomp)",
-        ));
-    }
     Ok(spec)
 }
 

@@ -123,6 +123,46 @@ fn container_lifecycle_echo_exit_code_exec_signal_stats() {
     assert_eq!(code, 42);
     a.remove_container(ctx(), &container("echo")).unwrap();
 
+    // The OCI process is honoured: user, groups, cwd, env, rlimits, capabilities.
+    let who = serde_json::json!({"process": {
+        "user": {"uid": 65534, "gid": 65534},
+        "cwd": "/tmp",
+        "env": ["PATH=/bin", "GREETING=hi from env"],
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 512, "soft": 256}]
+    }});
+    let script =
+        "id -u; id -g; pwd; echo $GREETING; ulimit -n; ulimit -Hn; grep CapBnd /proc/self/status";
+    create(a, "who", "img", "s0", spec(&["sh", "-c", script], who)).unwrap();
+    let (out, err, code) = run_to_end(a, "who");
+    // Bounding set of the spec: CHOWN, KILL, SETGID, SETUID, NET_BIND_SERVICE.
+    assert_eq!(
+        out, "65534\n65534\n/tmp\nhi from env\n256\n512\nCapBnd:\t00000000000004e1\n",
+        "stderr: {err}"
+    );
+    assert_eq!(code, 0);
+    a.remove_container(ctx(), &container("who")).unwrap();
+
+    // A seccomp profile (as Kubernetes' RuntimeDefault produces) is enforced in the guest.
+    let seccomp = serde_json::json!({"linux": {"seccomp": {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    }}});
+    create(
+        a,
+        "jail",
+        "img",
+        "s0",
+        spec(
+            &["sh", "-c", "mkdir /tmp/x 2>/dev/null; echo rc=$?"],
+            seccomp,
+        ),
+    )
+    .unwrap();
+    let (out, err, code) = run_to_end(a, "jail");
+    assert_eq!((out.as_str(), code), ("rc=1\n", 0), "stderr: {err}");
+    a.remove_container(ctx(), &container("jail")).unwrap();
+
     // A long-running container: exec, signals, stats.
     create(
         a,
