@@ -71,6 +71,7 @@ impl GuestVm {
         if o.collect_log {
             // A guest connection to host port P reaches the listener at `<uds>_P`.
             let path = format!("{}_{}", uds.display(), LOG_PORT);
+            let _ = std::fs::remove_file(&path); // left by an earlier VM of the same test
             let listener = UnixListener::bind(&path).expect("bind the agent log socket");
             let log = log.clone();
             thread::spawn(move || {
