@@ -17,7 +17,7 @@ deps:
 	@./scripts/deps.sh
 
 BIN_DIR := target/x86_64-unknown-linux-gnu/release
-BINARIES := kubevirt-vmm kubevirt-bench kubevirt-min-vmm kubevirt-agent
+BINARIES := kubevirt-vmm kubevirt-bench kubevirt-min-vmm kubevirt-agent containerd-shim-kubevirt-v1
 
 build:
 	$(CARGO) build --workspace --release
@@ -37,7 +37,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 
-test: deps guest lint
+test: deps guest build lint
 	$(CARGO) test --workspace --release -- --test-threads=2
 
 bench: deps guest build

@@ -9,6 +9,7 @@ pkgs=(
   qemu-system-x86                              # `qemu` back end, benchmark peer
   erofs-utils e2fsprogs                        # container image layers (EROFS), scratch disks (ext4)
   libseccomp-dev                               # the agent applies container seccomp profiles
+  containerd containernetworking-plugins       # end-to-end tests and `make demo`: a private containerd, CNI
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -83,3 +83,68 @@ pub fn ext4(path: &Path, mib: u64) {
         ])
         .arg(path));
 }
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An OCI image archive (what `ctr images import` takes) of the busybox test image, named
+/// `name` (e.g. `localhost/busybox:test`), its one layer an uncompressed tar.
+pub fn busybox_oci_archive(path: &Path, name: &str) {
+    let work = path.with_extension("work");
+    let _ = fs::remove_dir_all(&work);
+    let root = work.join("rootfs");
+    busybox_rootfs(&root);
+    let layer_path = work.join("layer.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
+        .arg(&layer_path)
+        .arg("."));
+    let layer = fs::read(&layer_path).unwrap();
+    let layer_digest = sha256_hex(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]}
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{layer_digest}"), "size": layer.len()}]
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", sha256_hex(&manifest)),
+            "size": manifest.len(),
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name.rsplit(':').next().unwrap_or("latest")}
+        }]
+    }))
+    .unwrap();
+    let oci = work.join("oci");
+    let blobs = oci.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    for blob in [&layer, &config, &manifest] {
+        fs::write(blobs.join(sha256_hex(blob)), blob).unwrap();
+    }
+    fs::write(oci.join("index.json"), index).unwrap();
+    fs::write(oci.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&oci)
+        .arg("-cf")
+        .arg(path)
+        .arg("."));
+    fs::remove_dir_all(&work).unwrap();
+}

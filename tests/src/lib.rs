@@ -10,6 +10,7 @@ use vmm::{SerialOutput, VmConfig, VmExit};
 
 pub mod agent;
 pub mod blkbench;
+pub mod containerd;
 pub mod images;
 pub mod measure;
 pub mod netns;

@@ -188,6 +188,11 @@ impl QemuVm {
         }
     }
 
+    /// The QEMU process (for a pid file: a crashed embedder's cleanup kills it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits up to `timeout`; `None` if QEMU still runs.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let end = std::time::Instant::now() + timeout;

@@ -1,0 +1,783 @@
+//! containerd's side: the shim v2 `start`/`delete` actions and the Task service. One shim and
+//! one VM per pod; every container of the pod runs in that VM through the agent.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use containerd_shim::api::{self, Status as ApiStatus};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::topics;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{
+    Config, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
+};
+use devices::block::BlockConfig;
+use protocol::agent::{
+    ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest, ResizeTtyRequest,
+    Rootfs, SignalRequest, UpdateContainerRequest,
+};
+
+use crate::config::ShimConfig;
+use crate::error::{Result, ShimError};
+use crate::metrics;
+use crate::pod::{ctx, Pod, PodSpec};
+use crate::rootfs;
+use crate::stdio::{Pumps, StdioPaths};
+use crate::task::{ExitInfo, Proc, Status, Task};
+
+/// CRI annotations that group a pod's containers into one shim (and VM).
+const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+fn timestamp(unix_ns: i64) -> MessageField<Timestamp> {
+    MessageField::some(Timestamp {
+        seconds: unix_ns.div_euclid(1_000_000_000),
+        nanos: unix_ns.rem_euclid(1_000_000_000) as i32,
+        ..Default::default()
+    })
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn state_dir(cfg: &ShimConfig, namespace: &str, id: &str) -> PathBuf {
+    cfg.state_dir.join(namespace).join(id)
+}
+
+/// The shim binary's entry points (`start`, `delete`, serving).
+#[derive(Clone)]
+pub struct Service {
+    exit: Arc<ExitSignal>,
+    namespace: String,
+    id: String,
+}
+
+impl containerd_shim::Shim for Service {
+    type T = TaskService;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Service {
+            exit: Arc::new(ExitSignal::default()),
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // Containers of one CRI pod share the shim of their sandbox.
+        let spec = fs::read_to_string("config.json").unwrap_or_default();
+        let grouping = serde_json::from_str::<serde_json::Value>(&spec)
+            .ok()
+            .and_then(|v| v["annotations"][SANDBOX_ID].as_str().map(str::to_owned))
+            .unwrap_or_else(|| opts.id.clone());
+        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        Ok(address)
+    }
+
+    /// Cleans up after a shim that died: kills its VM and removes its state.
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let cfg = ShimConfig::load().unwrap_or_default();
+        let dir = state_dir(&cfg, &self.namespace, &self.id);
+        if let Ok(pid) = fs::read_to_string(dir.join("vm.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.starts_with("qemu") {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        // The qemu machine's vhost-user sockets of the dead shim.
+        if let Ok(pid) = fs::read_to_string(dir.join("shim.pid")) {
+            let prefix = format!("kubevirt-vmm-{}-", pid.trim());
+            for e in fs::read_dir(std::env::temp_dir())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+        Ok(DeleteResponse {
+            exit_status: 128 + 9,
+            exited_at: timestamp(now_ns()),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        TaskService {
+            publisher: Arc::new(publisher),
+            namespace: self.namespace.clone(),
+            exit: self.exit.clone(),
+            config: ShimConfig::load(),
+            tasks: Mutex::default(),
+        }
+    }
+}
+
+/// The Task service containerd calls.
+pub struct TaskService {
+    publisher: Arc<RemotePublisher>,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+    /// A bad config file fails each Create with its message rather than the shim's start.
+    config: Result<ShimConfig>,
+    tasks: Mutex<HashMap<String, Arc<Task>>>,
+}
+
+fn publish(p: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
+    if let Err(e) = p.publish(containerd_shim::Context::default(), topic, ns, event) {
+        log::warn!("publish {topic}: {e}");
+    }
+}
+
+/// VM size from the container's limits: its memory limit plus the guest's own needs, and
+/// as many vCPUs as its CPU quota allows; the configured defaults without limits.
+fn vm_size(spec: &serde_json::Value, cfg: &ShimConfig) -> (u64, u8) {
+    let res = &spec["linux"]["resources"];
+    let memory = res["memory"]["limit"]
+        .as_i64()
+        .filter(|l| *l > 0)
+        .map(|l| (l as u64 >> 20) + 128)
+        .unwrap_or(cfg.default_memory_mib)
+        .max(cfg.default_memory_mib);
+    let vcpus = match (res["cpu"]["quota"].as_i64(), res["cpu"]["period"].as_u64()) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => (q as u64).div_ceil(p).clamp(1, 64) as u8,
+        _ => cfg.default_vcpus,
+    };
+    (memory, vcpus)
+}
+
+impl TaskService {
+    fn config(&self) -> Result<&ShimConfig> {
+        self.config
+            .as_ref()
+            .map_err(|e| ShimError::invalid("shim configuration", e.to_string()))
+    }
+
+    fn task(&self, id: &str) -> Result<Arc<Task>> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ShimError::NotFound(format!("container {id}")))
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Task>, Arc<Proc>)> {
+        let t = self.task(id)?;
+        let p = t
+            .process(exec_id)
+            .ok_or_else(|| ShimError::NotFound(format!("process {exec_id} of container {id}")))?;
+        Ok((t, p))
+    }
+
+    fn create_task(&self, req: &api::CreateTaskRequest) -> Result<u32> {
+        let cfg = self.config()?;
+        if !self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return Err(ShimError::Unsupported(format!(
+                "container {}: a second container in a pod VM needs disk hot-attach, which this version lacks",
+                req.id
+            )));
+        }
+        let bundle = Path::new(&req.bundle);
+        let spec_bytes = fs::read(bundle.join("config.json"))
+            .map_err(ShimError::io(format!("read {}/config.json", req.bundle)))?;
+        let spec: serde_json::Value = serde_json::from_slice(&spec_bytes)
+            .map_err(|e| ShimError::invalid("OCI spec", e.to_string()))?;
+        let dir = state_dir(cfg, &self.namespace, &req.id);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(ShimError::io(format!("create {}", dir.display())))?;
+        let booted = (|| {
+            let layers = rootfs::Layers::from_mounts(&req.rootfs, bundle)?;
+            let (image, cached) = rootfs::image(&layers, &cfg.image_cache, &dir)?;
+            log::info!(
+                "container {}: image {} ({})",
+                req.id,
+                image.display(),
+                if cached { "cached" } else { "built" }
+            );
+            let scratch = dir.join("scratch.ext4");
+            rootfs::scratch_disk(&scratch, cfg.scratch_mib)?;
+            let (memory_mib, vcpus) = vm_size(&spec, cfg);
+            let disks = vec![
+                BlockConfig {
+                    path: image,
+                    read_only: true,
+                    id: Some("img".into()),
+                },
+                BlockConfig {
+                    path: scratch,
+                    read_only: false,
+                    id: Some("s0".into()),
+                },
+            ];
+            let hostname = spec["hostname"].as_str().unwrap_or_default().to_owned();
+            let pod = Pod::boot(
+                cfg,
+                PodSpec {
+                    id: req.id.clone(),
+                    dir: dir.clone(),
+                    disks,
+                    memory_mib,
+                    vcpus,
+                    hostname,
+                },
+            )?;
+            let create = CreateContainerRequest {
+                container_id: req.id.clone(),
+                oci_spec: spec_bytes.clone(),
+                rootfs: MessageField::some(Rootfs {
+                    image_device_id: "img".into(),
+                    scratch_device_id: "s0".into(),
+                    ..Default::default()
+                }),
+                stdin: !req.stdin.is_empty(),
+                ..Default::default()
+            };
+            pod.agent
+                .create_container(ctx(), &create)
+                .map_err(ShimError::agent("create container"))?;
+            Ok(Arc::new(pod))
+        })();
+        let pod = match booted {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        self.watch_oom(&pod);
+        let io = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let vm_pid = pod.vm_pid;
+        let task = Arc::new(Task {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            pod,
+            init: Proc::new("", io, Vec::new()),
+            execs: Mutex::default(),
+        });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(req.id.clone(), task);
+        Ok(vm_pid)
+    }
+
+    fn watch_oom(&self, pod: &Arc<Pod>) {
+        let agent = pod.agent.clone();
+        let publisher = self.publisher.clone();
+        let ns = self.namespace.clone();
+        std::thread::spawn(move || {
+            while let Ok(ev) = agent.get_oom_event(
+                protocol::ttrpc::context::Context::default(),
+                &Default::default(),
+            ) {
+                let oom = TaskOOM {
+                    container_id: ev.container_id,
+                    ..Default::default()
+                };
+                publish(&publisher, &ns, topics::TASK_OOM_EVENT_TOPIC, Box::new(oom));
+            }
+        });
+    }
+
+    fn start_process(&self, t: &Arc<Task>, p: &Arc<Proc>) -> Result<u32> {
+        let agent = &t.pod.agent;
+        let guest_pid = if p.exec_id.is_empty() {
+            agent
+                .start_container(
+                    ctx(),
+                    &ContainerRequest {
+                        container_id: t.id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .map_err(ShimError::agent("start container"))?
+                .pid
+        } else {
+            let req = ExecProcessRequest {
+                container_id: t.id.clone(),
+                exec_id: p.exec_id.clone(),
+                process: p.spec.clone(),
+                stdin: !p.io.stdin.is_empty(),
+                ..Default::default()
+            };
+            agent
+                .exec_process(ctx(), &req)
+                .map_err(ShimError::agent("exec"))?
+                .pid
+        };
+        p.started(guest_pid);
+        let pumps = Pumps::start(agent, &t.id, &p.exec_id, &p.io);
+        // Exit is reported after the output reached containerd, so nothing is cut off.
+        let (agent, publisher, ns, task, proc_) = (
+            agent.clone(),
+            self.publisher.clone(),
+            self.namespace.clone(),
+            t.clone(),
+            p.clone(),
+        );
+        std::thread::spawn(move || {
+            let req = ProcessRequest {
+                container_id: task.id.clone(),
+                exec_id: proc_.exec_id.clone(),
+                ..Default::default()
+            };
+            let exit = match agent.wait_process(protocol::ttrpc::context::Context::default(), &req)
+            {
+                Ok(w) => ExitInfo {
+                    status: w.exit_status as u32,
+                    at_unix_ns: w.exited_at_unix_ns,
+                },
+                Err(e) => {
+                    log::warn!("container {}: wait {}: {e}", task.id, proc_.exec_id);
+                    ExitInfo {
+                        status: 255,
+                        at_unix_ns: now_ns(),
+                    }
+                }
+            };
+            pumps.finish();
+            proc_.exit(exit);
+            let ev = TaskExit {
+                container_id: task.id.clone(),
+                id: if proc_.exec_id.is_empty() {
+                    task.id.clone()
+                } else {
+                    proc_.exec_id.clone()
+                },
+                pid: proc_.pid(),
+                exit_status: exit.status,
+                exited_at: timestamp(exit.at_unix_ns),
+                ..Default::default()
+            };
+            publish(&publisher, &ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+        });
+        Ok(guest_pid)
+    }
+
+    /// Pause (freeze the container's cgroup in the guest) or resume it.
+    fn freeze(&self, id: &str, pause: bool) -> Result<()> {
+        let t = self.task(id)?;
+        let r = ContainerRequest {
+            container_id: id.to_owned(),
+            ..Default::default()
+        };
+        let (topic, event): (&str, Box<dyn MessageDyn>) = if pause {
+            t.pod
+                .agent
+                .pause_container(ctx(), &r)
+                .map_err(ShimError::agent("pause"))?;
+            let ev = TaskPaused {
+                container_id: id.to_owned(),
+                ..Default::default()
+            };
+            (topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev))
+        } else {
+            t.pod
+                .agent
+                .resume_container(ctx(), &r)
+                .map_err(ShimError::agent("resume"))?;
+            let ev = TaskResumed {
+                container_id: id.to_owned(),
+                ..Default::default()
+            };
+            (topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
+        };
+        t.init.set_paused(pause);
+        publish(&self.publisher, &self.namespace, topic, event);
+        Ok(())
+    }
+
+    fn delete_task(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
+        let (t, p) = self.process(id, exec_id)?;
+        if !exec_id.is_empty() {
+            if p.status() != Status::Stopped && p.status() != Status::Created {
+                return Err(ShimError::invalid(
+                    "delete",
+                    format!("exec {exec_id} is still running"),
+                ));
+            }
+            t.execs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(exec_id);
+        } else {
+            if p.status() == Status::Running || p.status() == Status::Paused {
+                return Err(ShimError::invalid(
+                    "delete",
+                    format!("container {id} is still running"),
+                ));
+            }
+            let req = ContainerRequest {
+                container_id: id.to_owned(),
+                ..Default::default()
+            };
+            if let Err(e) = t.pod.agent.remove_container(ctx(), &req) {
+                log::warn!("container {id}: remove in the guest: {e}");
+            }
+            t.pod.shutdown();
+            let _ = fs::remove_dir_all(&t.pod.dir);
+            self.tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+        }
+        let exit = p.exit_info().unwrap_or_default();
+        if exec_id.is_empty() {
+            let ev = TaskDelete {
+                container_id: id.to_owned(),
+                pid: p.pid(),
+                exit_status: exit.status,
+                exited_at: timestamp(exit.at_unix_ns),
+                ..Default::default()
+            };
+            publish(
+                &self.publisher,
+                &self.namespace,
+                topics::TASK_DELETE_EVENT_TOPIC,
+                Box::new(ev),
+            );
+        }
+        Ok(api::DeleteResponse {
+            pid: p.pid(),
+            exit_status: exit.status,
+            exited_at: timestamp(exit.at_unix_ns),
+            ..Default::default()
+        })
+    }
+}
+
+fn api_status(s: Status) -> ApiStatus {
+    match s {
+        Status::Created => ApiStatus::CREATED,
+        Status::Running => ApiStatus::RUNNING,
+        Status::Paused => ApiStatus::PAUSED,
+        Status::Stopped => ApiStatus::STOPPED,
+    }
+}
+
+impl containerd_shim::Task for TaskService {
+    fn create(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        log::info!("create container {} (bundle {})", req.id, req.bundle);
+        let pid = self.create_task(&req)?;
+        let ev = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            pid,
+            ..Default::default()
+        };
+        publish(
+            &self.publisher,
+            &self.namespace,
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(ev),
+        );
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let (t, p) = self.process(&req.id, &req.exec_id)?;
+        self.start_process(&t, &p)?;
+        let pid = p.pid();
+        if req.exec_id.is_empty() {
+            let ev = TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            };
+            publish(
+                &self.publisher,
+                &self.namespace,
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(ev),
+            );
+        } else {
+            let ev = TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            };
+            publish(
+                &self.publisher,
+                &self.namespace,
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(ev),
+            );
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn state(&self, _: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        let (t, p) = self.process(&req.id, &req.exec_id)?;
+        let exit = p.exit_info().unwrap_or_default();
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: t.bundle.clone(),
+            pid: p.pid(),
+            status: api_status(p.status()).into(),
+            stdin: p.io.stdin.clone(),
+            stdout: p.io.stdout.clone(),
+            stderr: p.io.stderr.clone(),
+            terminal: p.io.terminal,
+            exit_status: exit.status,
+            exited_at: timestamp(exit.at_unix_ns),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn delete(
+        &self,
+        _: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        Ok(self.delete_task(&req.id, &req.exec_id)?)
+    }
+
+    fn pids(&self, _: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let t = self.task(&req.id)?;
+        let r = t
+            .pod
+            .agent
+            .list_processes(
+                ctx(),
+                &ContainerRequest {
+                    container_id: req.id.clone(),
+                    ..Default::default()
+                },
+            )
+            .map_err(ShimError::agent("list processes"))?;
+        let processes = r
+            .pids
+            .into_iter()
+            .map(|pid| containerd_shim::protos::types::task::ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.freeze(&req.id, true)?;
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.freeze(&req.id, false)?;
+        Ok(api::Empty::new())
+    }
+
+    fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let (t, p) = self.process(&req.id, &req.exec_id)?;
+        if p.status() == Status::Stopped {
+            return Ok(api::Empty::new());
+        }
+        let r = SignalRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            signal: req.signal,
+            all: req.all,
+            ..Default::default()
+        };
+        t.pod
+            .agent
+            .signal_process(ctx(), &r)
+            .map_err(ShimError::agent("signal"))?;
+        Ok(api::Empty::new())
+    }
+
+    fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let t = self.task(&req.id)?;
+        let mut execs = t.execs.lock().unwrap_or_else(|e| e.into_inner());
+        if execs.contains_key(&req.exec_id) {
+            return Err(ShimError::Exists(format!("exec {} in {}", req.exec_id, req.id)).into());
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a: &Any| a.value.clone())
+            .unwrap_or_default();
+        let io = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        execs.insert(req.exec_id.clone(), Proc::new(&req.exec_id, io, spec));
+        drop(execs);
+        let ev = TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        publish(
+            &self.publisher,
+            &self.namespace,
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(ev),
+        );
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(&self, _: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+        let t = self.task(&req.id)?;
+        let r = ResizeTtyRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            rows: req.height,
+            cols: req.width,
+            ..Default::default()
+        };
+        t.pod
+            .agent
+            .resize_tty(ctx(), &r)
+            .map_err(ShimError::agent("resize"))?;
+        Ok(api::Empty::new())
+    }
+
+    fn close_io(&self, _: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let (t, p) = self.process(&req.id, &req.exec_id)?;
+        if req.stdin && !p.io.stdin.is_empty() {
+            let r = ProcessRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            };
+            t.pod
+                .agent
+                .close_stdin(ctx(), &r)
+                .map_err(ShimError::agent("close stdin"))?;
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let t = self.task(&req.id)?;
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|a: &Any| a.value.clone())
+            .unwrap_or_default();
+        let r = UpdateContainerRequest {
+            container_id: req.id.clone(),
+            resources,
+            ..Default::default()
+        };
+        t.pod
+            .agent
+            .update_container(ctx(), &r)
+            .map_err(ShimError::agent("update"))?;
+        Ok(api::Empty::new())
+    }
+
+    fn wait(&self, _: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let (_, p) = self.process(&req.id, &req.exec_id)?;
+        let exit = p.wait();
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: timestamp(exit.at_unix_ns),
+            ..Default::default()
+        })
+    }
+
+    fn stats(&self, _: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        let t = self.task(&req.id)?;
+        let r = ContainerRequest {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        let s = t
+            .pod
+            .agent
+            .stats_container(ctx(), &r)
+            .map_err(ShimError::agent("stats"))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(
+                metrics::to_any(&s).map_err(|e| ShimError::invalid("stats", e))?,
+            ),
+            ..Default::default()
+        })
+    }
+
+    fn connect(
+        &self,
+        _: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self.task(&req.id).map(|t| t.pod.vm_pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _: &TtrpcContext, _: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            self.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}
