@@ -231,11 +231,13 @@ impl TaskService {
                     path: image,
                     read_only: true,
                     id: Some("img".into()),
+                    slot: None,
                 },
                 BlockConfig {
                     path: scratch,
                     read_only: false,
                     id: Some("s0".into()),
+                    slot: None,
                 },
             ];
             let hostname = spec["hostname"].as_str().unwrap_or_default().to_owned();

@@ -37,6 +37,7 @@ pub fn parse_disk(value: &str) -> Result<BlockConfig, ConfigError> {
         path: path.into(),
         read_only: false,
         id: None,
+        slot: None,
     };
     for part in parts {
         match part.split_once('=') {

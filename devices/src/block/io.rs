@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{Op, Request, Segment, ID_LEN, SECTOR_SIZE};
@@ -39,6 +39,8 @@ pub(crate) struct Disk {
     pub size: u64,
     /// The host's preferred I/O size for the file, in bytes.
     pub block_size: u64,
+    /// A medium in a slot may be smaller than the slot: reads past its end are zeros.
+    pub zero_past_end: bool,
 }
 
 impl Disk {
@@ -91,6 +93,7 @@ impl Disk {
             block_device: ft.is_block_device(),
             size,
             block_size: meta.blksize().clamp(SECTOR_SIZE, 1 << 20),
+            zero_past_end: false,
         })
     }
 }
@@ -126,6 +129,22 @@ pub(crate) struct Done {
     pub status: u8,
 }
 
+/// What the worker threads serve: one disk, or whatever medium a slot holds.
+#[derive(Debug, Clone)]
+pub(crate) enum DiskSource {
+    Fixed(Arc<Disk>),
+    Slot(super::media::MediaSlot),
+}
+
+impl DiskSource {
+    fn current(&self) -> Option<Arc<Disk>> {
+        match self {
+            DiskSource::Fixed(d) => Some(d.clone()),
+            DiskSource::Slot(s) => s.current(),
+        }
+    }
+}
+
 /// The worker threads of one disk; dropping it ends and joins them.
 #[derive(Debug)]
 pub(crate) struct Worker {
@@ -142,7 +161,7 @@ impl Worker {
     /// arrival order; each finished request is announced on `notify`.
     pub fn spawn(
         name: String,
-        disk: Disk,
+        disk: DiskSource,
         id: [u8; ID_LEN],
         notify: EventFd,
         threads: usize,
@@ -151,7 +170,6 @@ impl Worker {
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, done) = channel();
         let announced = Arc::new(AtomicBool::new(false));
-        let disk = Arc::new(disk);
         let mut worker = Worker {
             jobs: Some(jobs),
             done,
@@ -177,7 +195,8 @@ impl Worker {
                         .map_err(drop)
                         .and_then(|rx| rx.recv().map_err(drop))
                     {
-                        let done = execute(&disk, &id, job);
+                        let medium = disk.current();
+                        let done = execute(medium.as_deref(), &id, job);
                         if done_tx.send(done).is_err() {
                             break;
                         }
@@ -231,20 +250,27 @@ impl Drop for Worker {
     }
 }
 
-/// Runs one request and writes its status byte.
-pub(crate) fn execute(disk: &Disk, id: &[u8; ID_LEN], job: Job) -> Done {
+/// Runs one request and writes its status byte; `disk` is `None` for an empty slot, which
+/// reads as zeros and refuses writes.
+pub(crate) fn execute(disk: Option<&Disk>, id: &[u8; ID_LEN], job: Job) -> Done {
     let Job { head, req, mem } = job;
-    let result = match req.op {
-        Op::Read { sector } => transfer(disk, &mem, &req.data, sector * SECTOR_SIZE, Dir::Read),
-        Op::Write { sector } => transfer(disk, &mem, &req.data, sector * SECTOR_SIZE, Dir::Write),
-        Op::Flush => disk.file.sync_data().map(|()| 0),
-        Op::GetId => write_id(&mem, &req.data, id),
-        Op::Discard { sector, sectors } => discard(disk, sector, sectors).map(|()| 0),
-        Op::WriteZeroes {
-            sector,
-            sectors,
-            unmap,
-        } => write_zeroes(disk, sector, sectors, unmap).map(|()| 0),
+    let result = match (req.op, disk) {
+        (Op::GetId, _) => write_id(&mem, &req.data, id),
+        (Op::Read { .. }, None) => zero_fill(&mem, &req.data),
+        (Op::Flush, None) => Ok(0),
+        (_, None) => Err(io::Error::other("no medium in the slot")),
+        (Op::Read { sector }, Some(disk)) => transfer(disk, &mem, &req.data, sector * SECTOR_SIZE, Dir::Read),
+        (Op::Write { sector }, Some(disk)) => transfer(disk, &mem, &req.data, sector * SECTOR_SIZE, Dir::Write),
+        (Op::Flush, Some(disk)) => disk.file.sync_data().map(|()| 0),
+        (Op::Discard { sector, sectors }, Some(disk)) => discard(disk, sector, sectors).map(|()| 0),
+        (
+            Op::WriteZeroes {
+                sector,
+                sectors,
+                unmap,
+            },
+            Some(disk),
+        ) => write_zeroes(disk, sector, sectors, unmap).map(|()| 0),
     };
     let (status, bytes) = match result {
         Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
@@ -338,6 +364,15 @@ fn transfer_iovs(disk: &Disk, iovs: &mut [libc::iovec], offset: u64, dir: Dir) -
             return Err(e);
         }
         if n == 0 {
+            if disk.zero_past_end && matches!(dir, Dir::Read) {
+                for iov in &rest[..] {
+                    // SAFETY: each iovec points into checked, guarded guest memory of
+                    // `iov_len` bytes (see `transfer`).
+                    unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
+                    done += iov.iov_len as u64;
+                }
+                return Ok(done);
+            }
             // The file shrank under us.
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -355,6 +390,22 @@ fn transfer_iovs(disk: &Disk, iovs: &mut [libc::iovec], offset: u64, dir: Dir) -
         }
     }
     Ok(done)
+}
+
+/// Zeroes the guest buffers of a read from an empty slot.
+fn zero_fill(mem: &GuestMemoryMmap, segs: &[Segment]) -> io::Result<u64> {
+    let zeroes = [0u8; 4096];
+    let mut n = 0;
+    for s in segs {
+        let mut done = 0u64;
+        while done < u64::from(s.len) {
+            let len = (u64::from(s.len) - done).min(zeroes.len() as u64) as usize;
+            mem.write_slice(&zeroes[..len], s.addr.unchecked_add(done)).map_err(io::Error::other)?;
+            done += len as u64;
+        }
+        n += done;
+    }
+    Ok(n)
 }
 
 /// Writes the serial, NUL padded, into the first `ID_LEN` bytes of `segs`.

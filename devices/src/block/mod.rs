@@ -6,11 +6,13 @@
 //! an eventfd ([`VirtioDevice::backend_fd`]); `process_backend` then returns the chains.
 
 mod io;
+mod media;
 pub mod request;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -20,7 +22,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use self::io::{Disk, Done, Job, Worker};
+use self::io::{Disk, DiskSource, Done, Job, Worker};
+pub use self::media::MediaSlot;
 use self::request::{DiskInfo, Op, Parsed, ID_LEN, MAX_RANGE_SECTORS, SECTOR_SIZE};
 use crate::virtio::{
     device_type, read_config_bytes, UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -71,6 +74,9 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Serial the guest sees (GET_ID, `/sys/block/vdX/serial`), at most 20 bytes.
     pub id: Option<String>,
+    /// Makes the disk a media slot: `path` is its first medium and fixes its capacity; the
+    /// embedding program changes the medium through this handle (see [`MediaSlot`]).
+    pub slot: Option<MediaSlot>,
 }
 
 /// Request counters since the device was created.
@@ -139,7 +145,15 @@ impl Block {
             Some(id) => format!("blk-{id}"),
             None => format!("blk-{}", NEXT_DISK.fetch_add(1, Ordering::Relaxed)),
         };
-        let worker = Worker::spawn(name, disk, id, notify, IO_THREADS).map_err(thread_err)?;
+        let disk = Arc::new(disk);
+        let source = match &config.slot {
+            Some(slot) => {
+                slot.set(disk);
+                DiskSource::Slot(slot.clone())
+            }
+            None => DiskSource::Fixed(disk),
+        };
+        let worker = Worker::spawn(name, source, id, notify, IO_THREADS).map_err(thread_err)?;
         Ok(Block {
             features: features(config.read_only),
             config,

@@ -45,6 +45,15 @@ impl TempDir {
     }
 }
 
+impl TempDir {
+    /// A file with exactly `data`.
+    pub fn join_bytes(&self, name: &str, data: &[u8]) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -56,6 +65,7 @@ fn config(path: &Path, read_only: bool, id: Option<&str>) -> BlockConfig {
         path: path.to_owned(),
         read_only,
         id: id.map(str::to_owned),
+        slot: None,
     }
 }
 
@@ -662,4 +672,38 @@ fn host_block_device() {
         &[0x5a; 512][..],
         "reached the backing file"
     );
+}
+
+#[test]
+fn a_media_slot_changes_its_medium_while_serving() {
+    let dir = TempDir::new();
+    // The first medium fixes the capacity: 64 sectors.
+    let first = dir.disk("first.img", 64 * 512);
+    let second = dir.join_bytes("second.img", &[0x5a; 4 * 512]);
+    let slot = MediaSlot::new();
+    let mut cfg = config(&first, false, Some("slot0"));
+    cfg.slot = Some(slot.clone());
+    let mut h = Harness::new(Block::new(cfg).unwrap());
+    assert_eq!(h.blk.capacity(), 64);
+    assert_eq!(h.read(10, 512).2, sector_pattern(10, 512));
+
+    // A smaller medium: its data, then zeros past its end, within the slot's capacity.
+    slot.insert(&second, true).unwrap();
+    let (status, _, data) = h.read(2, 4 * 512);
+    assert_eq!(status, OK);
+    assert_eq!(&data[..1024], &[0x5a; 1024][..]);
+    assert_eq!(&data[1024..], &[0u8; 1024][..]);
+    // Inserted read-only: a write fails, and the file is untouched.
+    assert_eq!(h.write(0, &[1; 512]).0, IOERR);
+    assert_eq!(std::fs::read(&second).unwrap(), vec![0x5a; 4 * 512]);
+    // Beyond the slot's capacity is still refused by parsing.
+    assert_eq!(h.read(64, 512).0, IOERR);
+
+    // Empty: zeros, no writes.
+    slot.eject();
+    assert_eq!(h.read(0, 512).2, vec![0u8; 512]);
+    assert_eq!(h.write(0, &[1; 512]).0, IOERR);
+    // A bad medium is refused by name and leaves the slot as it was.
+    let e = slot.insert(&dir.0.join("missing.img"), true).unwrap_err().to_string();
+    assert!(e.contains("missing.img"), "{e}");
 }

@@ -314,6 +314,7 @@ pub fn serve_ours(image: &Path, socket: &Path) {
         path: image.to_owned(),
         read_only: false,
         id: None,
+        slot: None,
     })
     .expect("open the test image");
     let device = std::sync::Arc::new(std::sync::Mutex::new(block));
