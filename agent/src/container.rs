@@ -19,7 +19,7 @@ use crate::init::RUN_DIR;
 use crate::reaper::{Exit, Exits};
 use crate::spec;
 use crate::stdio::{ConsoleSocket, Stdio};
-use crate::storage::{check_name, Images, Rootfs};
+use crate::storage::{check_name, Rootfs, SharedDisks};
 
 /// A process the agent started: a container's init (exec id "") or an exec.
 #[derive(Debug)]
@@ -50,7 +50,7 @@ pub struct CreateOptions<'a> {
 #[derive(Debug)]
 pub struct Containers {
     map: Mutex<HashMap<String, Arc<Container>>>,
-    images: Images,
+    disks: SharedDisks,
     exits: Arc<Exits>,
     oom: Arc<OomWatcher>,
     /// Creates and execs one at a time: libcontainer's builders fork and wait on helpers.
@@ -116,7 +116,7 @@ impl Containers {
     pub fn new(exits: Arc<Exits>, oom: Arc<OomWatcher>) -> Self {
         Containers {
             map: Mutex::default(),
-            images: Images::default(),
+            disks: SharedDisks::default(),
             exits,
             oom,
             runtime_lock: Mutex::new(()),
@@ -163,7 +163,8 @@ impl Containers {
         }
         let dir = Path::new(RUN_DIR).join("containers").join(o.id);
         fs::create_dir_all(&dir).map_err(AgentError::io(format!("create {}", dir.display())))?;
-        let rootfs = match Rootfs::build(&self.images, &dir, o.image_serial, o.scratch_serial) {
+        let rootfs = match Rootfs::build(&self.disks, &dir, o.id, o.image_serial, o.scratch_serial)
+        {
             Ok(r) => r,
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -191,7 +192,7 @@ impl Containers {
                 Ok(())
             }
             Err(e) => {
-                rootfs.teardown(&self.images);
+                rootfs.teardown(&self.disks);
                 let _ = fs::remove_dir_all(&dir);
                 let _ = fs::remove_dir_all(runtime_root().join(o.id));
                 Err(e)
@@ -356,7 +357,7 @@ impl Containers {
             }
         }
         self.oom.unwatch(id);
-        c.rootfs.teardown(&self.images);
+        c.rootfs.teardown(&self.disks);
         let _ = fs::remove_dir_all(&c.dir);
         let _ = fs::remove_dir_all(runtime_root().join(id));
         for p in c

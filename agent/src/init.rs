@@ -111,6 +111,7 @@ pub fn mount_basics() -> Result<()> {
     for dir in [
         "",
         "/images",
+        "/scratch",
         "/containers",
         "/volumes",
         "/files",

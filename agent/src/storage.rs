@@ -49,44 +49,66 @@ fn unmount(target: &Path) {
     }
 }
 
-/// Read-only image mounts shared by the containers that use them.
+/// Disks mounted once and shared by the containers that use them: read-only EROFS images
+/// under /run/kubevirt/images/<serial>, writable ext4 scratch disks under
+/// /run/kubevirt/scratch/<serial> (a directory per container inside).
 #[derive(Debug, Default)]
-pub struct Images {
-    users: Mutex<HashMap<String, usize>>,
+pub struct SharedDisks {
+    users: Mutex<HashMap<String, (PathBuf, usize)>>,
 }
 
-impl Images {
-    fn dir(serial: &str) -> PathBuf {
-        Path::new(RUN_DIR).join("images").join(serial)
-    }
+/// How a shared disk is mounted.
+#[derive(Debug, Clone, Copy)]
+pub enum Shared {
+    Image,
+    Scratch,
+}
 
-    /// Mounts the EROFS image on the disk `serial` (once) and returns its mount point.
-    pub fn acquire(&self, serial: &str) -> Result<PathBuf> {
+/// Drops the guest's cached blocks of `dev`: a media slot may hold a new medium since the
+/// kernel last read it.
+fn flush_buffers(dev: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(dev).map_err(AgentError::io(format!("open {}", dev.display())))?;
+    // BLKFLSBUF = _IO(0x12, 97)
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    // SAFETY: BLKFLSBUF takes no argument; the fd is open for the call's duration.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF as _, 0) };
+    if rc < 0 {
+        return Err(AgentError::io(format!(
+            "flush the buffers of {}",
+            dev.display()
+        ))(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl SharedDisks {
+    /// Mounts the disk `serial` (once) and returns its mount point.
+    pub fn acquire(&self, serial: &str, kind: Shared) -> Result<PathBuf> {
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = Self::dir(serial);
-        if let Some(n) = users.get_mut(serial) {
+        if let Some((dir, n)) = users.get_mut(serial) {
             *n += 1;
-            return Ok(dir);
+            return Ok(dir.clone());
         }
         let dev = blockdev::find_by_serial(serial)?;
-        mount_at(
-            &dev,
-            &dir,
-            "erofs",
-            MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
-            None,
-        )?;
-        users.insert(serial.to_owned(), 1);
+        flush_buffers(&dev)?;
+        let (sub, fstype, flags) = match kind {
+            Shared::Image => ("images", "erofs", MsFlags::MS_RDONLY | MsFlags::MS_NODEV),
+            Shared::Scratch => ("scratch", "ext4", MsFlags::MS_NODEV),
+        };
+        let dir = Path::new(RUN_DIR).join(sub).join(serial);
+        mount_at(&dev, &dir, fstype, flags, None)?;
+        users.insert(serial.to_owned(), (dir.clone(), 1));
         Ok(dir)
     }
 
     pub fn release(&self, serial: &str) {
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = users.get_mut(serial) {
+        if let Some((dir, n)) = users.get_mut(serial) {
             *n -= 1;
             if *n == 0 {
+                let dir = dir.clone();
                 users.remove(serial);
-                let dir = Self::dir(serial);
                 unmount(&dir);
                 let _ = fs::remove_dir(&dir);
             }
@@ -94,73 +116,116 @@ impl Images {
     }
 }
 
+/// Where a container's writable layer lives.
+#[derive(Debug)]
+enum Upper {
+    /// A tmpfs of its own, mounted at this path.
+    Tmpfs(PathBuf),
+    /// A directory of its own on a shared scratch disk.
+    Disk { serial: String, dir: PathBuf },
+}
+
 /// A container's mounted root file system; unmounted by [`Rootfs::teardown`].
 #[derive(Debug)]
 pub struct Rootfs {
     pub path: PathBuf,
     image: String,
-    scratch: PathBuf,
+    upper: Upper,
 }
 
 impl Rootfs {
-    /// overlayfs at `<dir>/rootfs`: the image below, `<dir>/scratch/{upper,work}` above.
-    pub fn build(images: &Images, dir: &Path, image: &str, scratch_serial: &str) -> Result<Rootfs> {
-        let lower = images.acquire(image)?;
-        let scratch = dir.join("scratch");
-        let layered = (|| {
-            if scratch_serial.is_empty() {
-                mount_at(
-                    Path::new("scratch"),
-                    &scratch,
-                    "tmpfs",
-                    MsFlags::MS_NODEV,
-                    Some("mode=0755"),
-                )?;
-            } else {
-                let dev = blockdev::find_by_serial(scratch_serial)?;
-                mount_at(&dev, &scratch, "ext4", MsFlags::MS_NODEV, None)?;
+    /// overlayfs at `<dir>/rootfs`: the image below, the container's `upper` and `work`
+    /// directories (on the scratch disk, or a tmpfs) above.
+    pub fn build(
+        disks: &SharedDisks,
+        dir: &Path,
+        id: &str,
+        image: &str,
+        scratch_serial: &str,
+    ) -> Result<Rootfs> {
+        let lower = disks.acquire(image, Shared::Image)?;
+        let upper = if scratch_serial.is_empty() {
+            let p = dir.join("scratch");
+            match mount_at(
+                Path::new("scratch"),
+                &p,
+                "tmpfs",
+                MsFlags::MS_NODEV,
+                Some("mode=0755"),
+            ) {
+                Ok(()) => Upper::Tmpfs(p),
+                Err(e) => {
+                    disks.release(image);
+                    return Err(e);
+                }
+            }
+        } else {
+            match disks.acquire(scratch_serial, Shared::Scratch) {
+                Ok(root) => Upper::Disk {
+                    serial: scratch_serial.to_owned(),
+                    dir: root.join(id),
+                },
+                Err(e) => {
+                    disks.release(image);
+                    return Err(e);
+                }
+            }
+        };
+        let rootfs = Rootfs {
+            path: dir.join("rootfs"),
+            image: image.to_owned(),
+            upper,
+        };
+        let layer = match &rootfs.upper {
+            Upper::Tmpfs(p) | Upper::Disk { dir: p, .. } => p.clone(),
+        };
+        let mounted = (|| {
+            // A container id reused after a crash must not see the old writable layer.
+            if matches!(rootfs.upper, Upper::Disk { .. }) {
+                let _ = fs::remove_dir_all(&layer);
             }
             for d in ["upper", "work"] {
-                let p = scratch.join(d);
+                let p = layer.join(d);
                 fs::create_dir_all(&p)
                     .map_err(AgentError::io(format!("create {}", p.display())))?;
             }
-            let path = dir.join("rootfs");
             let opts = format!(
                 "lowerdir={},upperdir={},workdir={}",
                 lower.display(),
-                scratch.join("upper").display(),
-                scratch.join("work").display()
+                layer.join("upper").display(),
+                layer.join("work").display()
             );
             mount_at(
                 Path::new("overlay"),
-                &path,
+                &rootfs.path,
                 "overlay",
                 MsFlags::empty(),
                 Some(&opts),
-            )?;
-            Ok(path)
+            )
         })();
-        match layered {
-            Ok(path) => Ok(Rootfs {
-                path,
-                image: image.to_owned(),
-                scratch,
-            }),
+        match mounted {
+            Ok(()) => Ok(rootfs),
             Err(e) => {
-                if scratch.exists() {
-                    unmount(&scratch);
-                }
-                images.release(image);
+                rootfs.release_layers(disks);
                 Err(e)
             }
         }
     }
 
-    pub fn teardown(&self, images: &Images) {
+    fn release_layers(&self, disks: &SharedDisks) {
+        match &self.upper {
+            Upper::Tmpfs(p) => unmount(p),
+            Upper::Disk { serial, dir } => {
+                let _ = fs::remove_dir_all(dir);
+                disks.release(serial);
+            }
+        }
+        disks.release(&self.image);
+    }
+
+    pub fn teardown(&self, disks: &SharedDisks) {
         unmount(&self.path);
-        unmount(&self.scratch);
-        images.release(&self.image);
+        self.release_layers(disks);
     }
 }
 

@@ -39,8 +39,14 @@ pub struct ShimConfig {
     pub state_dir: PathBuf,
     /// EROFS images of container image layer chains, shared by all pods.
     pub image_cache: PathBuf,
-    /// Size of each container's sparse writable scratch disk (MiB).
+    /// Size of the pod's sparse scratch disk, which holds every container's writable layer
+    /// (MiB).
     pub scratch_mib: u64,
+    /// Disk slots of a pod VM for container images (virtio-mmio cannot hot-plug, so images
+    /// of containers created after boot go into these); containers of one image share one.
+    pub disk_slots: u8,
+    /// Capacity of each slot (GiB; sparse, costs nothing): the largest image it can take.
+    pub slot_gib: u64,
     /// How long the guest may take from VM start to an answering agent (seconds).
     pub agent_timeout_secs: u64,
     /// Appended to the guest kernel command line (e.g. `agent.log=debug`).
@@ -58,6 +64,8 @@ impl Default for ShimConfig {
             state_dir: "/run/kubevirt-shim".into(),
             image_cache: "/var/lib/kubevirt-shim/images".into(),
             scratch_mib: 1024,
+            disk_slots: 4,
+            slot_gib: 64,
             agent_timeout_secs: 60,
             extra_cmdline: String::new(),
         }
@@ -72,10 +80,15 @@ impl ShimConfig {
                 e.message().to_owned(),
             )
         })?;
-        if c.default_vcpus == 0 || c.default_memory_mib < 64 || c.scratch_mib == 0 {
+        if c.default_vcpus == 0
+            || c.default_memory_mib < 64
+            || c.scratch_mib == 0
+            || c.disk_slots == 0
+            || c.slot_gib == 0
+        {
             return Err(ShimError::invalid(
                 format!("shim config {}", origin.display()),
-                "default_vcpus >= 1, default_memory_mib >= 64 and scratch_mib >= 1 are required",
+                "default_vcpus, scratch_mib, disk_slots and slot_gib must be at least 1, default_memory_mib at least 64",
             ));
         }
         Ok(c)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use devices::block::BlockConfig;
+use devices::block::{BlockConfig, MediaSlot};
 use devices::vsock::VsockConfig;
 use protocol::agent::{Empty, SetupSandboxRequest};
 use protocol::agent_ttrpc::AgentClient;
@@ -28,17 +28,31 @@ const GUEST_CID: u64 = 3;
 pub struct PodSpec {
     pub id: String,
     pub dir: PathBuf,
-    pub disks: Vec<BlockConfig>,
     pub memory_mib: u64,
     pub vcpus: u8,
     pub hostname: String,
+}
+
+/// Serial of the pod's shared scratch disk (every container's writable layer).
+pub const SCRATCH_ID: &str = "scratch";
+
+/// One media slot: which image it holds and how many containers use it.
+#[derive(Debug)]
+struct Slot {
+    id: String,
+    media: MediaSlot,
+    image: Option<PathBuf>,
+    users: usize,
 }
 
 pub struct Pod {
     pub agent: AgentClient,
     pub vm_pid: u32,
     pub dir: PathBuf,
+    /// The task whose deletion ends the VM (the CRI sandbox, or a lone container).
+    pub owner: String,
     machine: Mutex<Option<Machine>>,
+    slots: Mutex<Vec<Slot>>,
 }
 
 pub fn ctx() -> context::Context {
@@ -93,7 +107,36 @@ impl Pod {
         vm.memory_mib = p.memory_mib;
         vm.vcpus = p.vcpus;
         vm.serial_output = SerialOutput::File(p.dir.join("console.log"));
-        vm.disks = p.disks;
+        // Image slots (sparse placeholders fix their capacity) and the shared scratch disk.
+        let mut slots = Vec::new();
+        for i in 0..cfg.disk_slots {
+            let placeholder = p.dir.join(format!("slot{i}.empty"));
+            let f = std::fs::File::create(&placeholder)
+                .map_err(ShimError::io(format!("create {}", placeholder.display())))?;
+            f.set_len(cfg.slot_gib << 30)
+                .map_err(ShimError::io(format!("size {}", placeholder.display())))?;
+            let media = MediaSlot::new();
+            vm.disks.push(BlockConfig {
+                path: placeholder,
+                read_only: false,
+                id: Some(format!("slot{i}")),
+                slot: Some(media.clone()),
+            });
+            slots.push(Slot {
+                id: format!("slot{i}"),
+                media,
+                image: None,
+                users: 0,
+            });
+        }
+        let scratch = p.dir.join("scratch.ext4");
+        crate::rootfs::scratch_disk(&scratch, cfg.scratch_mib)?;
+        vm.disks.push(BlockConfig {
+            path: scratch,
+            read_only: false,
+            id: Some(SCRATCH_ID.into()),
+            slot: None,
+        });
         vm.vsock = Some(VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: uds.clone(),
@@ -132,7 +175,9 @@ impl Pod {
             agent,
             vm_pid,
             dir: p.dir,
+            owner: p.id,
             machine: Mutex::new(Some(m)),
+            slots: Mutex::new(slots),
         };
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -148,6 +193,39 @@ impl Pod {
             return Err(ShimError::agent("sandbox setup")(e));
         }
         Ok(pod)
+    }
+
+    /// Puts `image` in a slot (sharing one that already holds it) and returns the slot's id.
+    pub fn attach_image(&self, image: &Path) -> Result<String> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slots.iter_mut().find(|s| s.image.as_deref() == Some(image)) {
+            s.users += 1;
+            return Ok(s.id.clone());
+        }
+        let s = slots.iter_mut().find(|s| s.users == 0).ok_or_else(|| {
+            ShimError::Unsupported(format!(
+                "every disk slot of the pod VM holds an image in use; raise disk_slots in {}",
+                crate::config::DEFAULT_PATH
+            ))
+        })?;
+        s.media
+            .insert(image, true)
+            .map_err(|e| ShimError::Vm(format!("insert {} in {}: {e}", image.display(), s.id)))?;
+        s.image = Some(image.to_owned());
+        s.users = 1;
+        Ok(s.id.clone())
+    }
+
+    /// A container no longer uses the image in slot `id`; an unused slot is emptied.
+    pub fn detach_image(&self, id: &str) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slots.iter_mut().find(|s| s.id == id) {
+            s.users = s.users.saturating_sub(1);
+            if s.users == 0 {
+                s.media.eject();
+                s.image = None;
+            }
+        }
     }
 
     /// Asks the agent to power off, then makes sure the VM is gone.

@@ -19,7 +19,6 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{
     Config, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
-use devices::block::BlockConfig;
 use protocol::agent::{
     ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest, ResizeTtyRequest,
     Rootfs, SignalRequest, UpdateContainerRequest,
@@ -28,7 +27,7 @@ use protocol::agent::{
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
 use crate::metrics;
-use crate::pod::{ctx, Pod, PodSpec};
+use crate::pod::{ctx, Pod, PodSpec, SCRATCH_ID};
 use crate::rootfs;
 use crate::stdio::{Pumps, StdioPaths};
 use crate::task::{ExitInfo, Proc, Status, Task};
@@ -132,6 +131,8 @@ impl containerd_shim::Shim for Service {
             exit: self.exit.clone(),
             config: ShimConfig::load(),
             tasks: Mutex::default(),
+            pod: Mutex::default(),
+            create_lock: Mutex::default(),
         }
     }
 }
@@ -144,6 +145,10 @@ pub struct TaskService {
     /// A bad config file fails each Create with its message rather than the shim's start.
     config: Result<ShimConfig>,
     tasks: Mutex<HashMap<String, Arc<Task>>>,
+    /// The pod's VM, from the first Create to the owner's Delete.
+    pod: Mutex<Option<Arc<Pod>>>,
+    /// Creates run one at a time (slots, the first boot).
+    create_lock: Mutex<()>,
 }
 
 fn publish(p: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
@@ -193,89 +198,101 @@ impl TaskService {
         Ok((t, p))
     }
 
-    fn create_task(&self, req: &api::CreateTaskRequest) -> Result<u32> {
+    /// The pod's VM, booted for its first task.
+    fn pod_for(
+        &self,
+        req: &api::CreateTaskRequest,
+        spec: &serde_json::Value,
+    ) -> Result<(Arc<Pod>, bool)> {
         let cfg = self.config()?;
-        if !self
+        let mut pod = self.pod.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pod.as_ref() {
+            return Ok((p.clone(), false));
+        }
+        let dir = state_dir(cfg, &self.namespace, &req.id);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(ShimError::io(format!("create {}", dir.display())))?;
+        let (memory_mib, vcpus) = vm_size(spec, cfg);
+        let booted = Pod::boot(
+            cfg,
+            PodSpec {
+                id: req.id.clone(),
+                dir: dir.clone(),
+                memory_mib,
+                vcpus,
+                hostname: spec["hostname"].as_str().unwrap_or_default().to_owned(),
+            },
+        );
+        match booted {
+            Ok(p) => {
+                let p = Arc::new(p);
+                self.watch_oom(&p);
+                *pod = Some(p.clone());
+                Ok((p, true))
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn create_task(&self, req: &api::CreateTaskRequest) -> Result<(Arc<Task>, u32)> {
+        let cfg = self.config()?;
+        let _one_at_a_time = self.create_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self
             .tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+            .contains_key(&req.id)
         {
-            return Err(ShimError::Unsupported(format!(
-                "container {}: a second container in a pod VM needs disk hot-attach, which this version lacks",
-                req.id
-            )));
+            return Err(ShimError::Exists(format!("container {}", req.id)));
         }
         let bundle = Path::new(&req.bundle);
         let spec_bytes = fs::read(bundle.join("config.json"))
             .map_err(ShimError::io(format!("read {}/config.json", req.bundle)))?;
         let spec: serde_json::Value = serde_json::from_slice(&spec_bytes)
             .map_err(|e| ShimError::invalid("OCI spec", e.to_string()))?;
-        let dir = state_dir(cfg, &self.namespace, &req.id);
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(ShimError::io(format!("create {}", dir.display())))?;
-        let booted = (|| {
-            let layers = rootfs::Layers::from_mounts(&req.rootfs, bundle)?;
-            let (image, cached) = rootfs::image(&layers, &cfg.image_cache, &dir)?;
+        let layers = rootfs::Layers::from_mounts(&req.rootfs, bundle)?;
+        let (pod, booted) = self.pod_for(req, &spec)?;
+        let created = (|| {
+            let own = pod.dir.join(&req.id);
+            fs::create_dir_all(&own).map_err(ShimError::io(format!("create {}", own.display())))?;
+            let (image, cached) = rootfs::image(&layers, &cfg.image_cache, &own)?;
             log::info!(
                 "container {}: image {} ({})",
                 req.id,
                 image.display(),
                 if cached { "cached" } else { "built" }
             );
-            let scratch = dir.join("scratch.ext4");
-            rootfs::scratch_disk(&scratch, cfg.scratch_mib)?;
-            let (memory_mib, vcpus) = vm_size(&spec, cfg);
-            let disks = vec![
-                BlockConfig {
-                    path: image,
-                    read_only: true,
-                    id: Some("img".into()),
-                    slot: None,
-                },
-                BlockConfig {
-                    path: scratch,
-                    read_only: false,
-                    id: Some("s0".into()),
-                    slot: None,
-                },
-            ];
-            let hostname = spec["hostname"].as_str().unwrap_or_default().to_owned();
-            let pod = Pod::boot(
-                cfg,
-                PodSpec {
-                    id: req.id.clone(),
-                    dir: dir.clone(),
-                    disks,
-                    memory_mib,
-                    vcpus,
-                    hostname,
-                },
-            )?;
+            let slot = pod.attach_image(&image)?;
             let create = CreateContainerRequest {
                 container_id: req.id.clone(),
                 oci_spec: spec_bytes.clone(),
                 rootfs: MessageField::some(Rootfs {
-                    image_device_id: "img".into(),
-                    scratch_device_id: "s0".into(),
+                    image_device_id: slot.clone(),
+                    scratch_device_id: SCRATCH_ID.into(),
                     ..Default::default()
                 }),
                 stdin: !req.stdin.is_empty(),
                 ..Default::default()
             };
-            pod.agent
-                .create_container(ctx(), &create)
-                .map_err(ShimError::agent("create container"))?;
-            Ok(Arc::new(pod))
+            if let Err(e) = pod.agent.create_container(ctx(), &create) {
+                pod.detach_image(&slot);
+                return Err(ShimError::agent("create container")(e));
+            }
+            Ok(slot)
         })();
-        let pod = match booted {
-            Ok(p) => p,
+        let slot = match created {
+            Ok(s) => s,
             Err(e) => {
-                let _ = fs::remove_dir_all(&dir);
+                let _ = fs::remove_dir_all(pod.dir.join(&req.id));
+                if booted {
+                    self.end_pod();
+                }
                 return Err(e);
             }
         };
-        self.watch_oom(&pod);
         let io = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -287,14 +304,23 @@ impl TaskService {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             pod,
+            slot,
             init: Proc::new("", io, Vec::new()),
             execs: Mutex::default(),
         });
         self.tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(req.id.clone(), task);
-        Ok(vm_pid)
+            .insert(req.id.clone(), task.clone());
+        Ok((task, vm_pid))
+    }
+
+    /// Shuts the pod's VM down and removes its state.
+    fn end_pod(&self) {
+        if let Some(pod) = self.pod.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            pod.shutdown();
+            let _ = fs::remove_dir_all(&pod.dir);
+        }
     }
 
     fn watch_oom(&self, pod: &Arc<Pod>) {
@@ -450,12 +476,15 @@ impl TaskService {
             if let Err(e) = t.pod.agent.remove_container(ctx(), &req) {
                 log::warn!("container {id}: remove in the guest: {e}");
             }
-            t.pod.shutdown();
-            let _ = fs::remove_dir_all(&t.pod.dir);
+            t.pod.detach_image(&t.slot);
+            let _ = fs::remove_dir_all(t.pod.dir.join(id));
             self.tasks
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(id);
+            if t.pod.owner == id {
+                self.end_pod();
+            }
         }
         let exit = p.exit_info().unwrap_or_default();
         if exec_id.is_empty() {
@@ -498,7 +527,7 @@ impl containerd_shim::Task for TaskService {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         log::info!("create container {} (bundle {})", req.id, req.bundle);
-        let pid = self.create_task(&req)?;
+        let (_task, pid) = self.create_task(&req)?;
         let ev = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),

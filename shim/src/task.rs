@@ -111,6 +111,8 @@ pub struct Task {
     pub id: String,
     pub bundle: String,
     pub pod: Arc<Pod>,
+    /// The pod VM's disk slot holding this container's image.
+    pub slot: String,
     pub init: Arc<Proc>,
     pub execs: Mutex<HashMap<String, Arc<Proc>>>,
 }

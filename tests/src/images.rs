@@ -29,6 +29,11 @@ pub fn busybox() -> PathBuf {
 /// Lays out a busybox root file system in `root`: the binary, a link per applet, /etc basics
 /// and the empty mount points a container runtime expects.
 pub fn busybox_rootfs(root: &Path) {
+    busybox_rootfs_marked(root, "busybox test image");
+}
+
+/// [`busybox_rootfs`] whose /etc/image-marker says `marker` (tells images apart).
+pub fn busybox_rootfs_marked(root: &Path, marker: &str) {
     let bin = root.join("bin");
     fs::create_dir_all(&bin).unwrap();
     fs::copy(busybox(), bin.join("busybox")).unwrap();
@@ -52,7 +57,7 @@ pub fn busybox_rootfs(root: &Path) {
     )
     .unwrap();
     fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
-    fs::write(root.join("etc/image-marker"), "busybox test image\n").unwrap();
+    fs::write(root.join("etc/image-marker"), format!("{marker}\n")).unwrap();
 }
 
 /// A busybox test image as EROFS at `path`.
@@ -95,10 +100,15 @@ fn sha256_hex(data: &[u8]) -> String {
 /// An OCI image archive (what `ctr images import` takes) of the busybox test image, named
 /// `name` (e.g. `localhost/busybox:test`), its one layer an uncompressed tar.
 pub fn busybox_oci_archive(path: &Path, name: &str) {
+    busybox_oci_archive_marked(path, name, "busybox test image");
+}
+
+/// [`busybox_oci_archive`] with its own /etc/image-marker.
+pub fn busybox_oci_archive_marked(path: &Path, name: &str, marker: &str) {
     let work = path.with_extension("work");
     let _ = fs::remove_dir_all(&work);
     let root = work.join("rootfs");
-    busybox_rootfs(&root);
+    busybox_rootfs_marked(&root, marker);
     let layer_path = work.join("layer.tar");
     run(Command::new("tar")
         .arg("-C")

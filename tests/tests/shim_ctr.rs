@@ -163,6 +163,15 @@ fn ctr_run_uname_exit_codes_exec_metrics_kill() {
         "{metrics}"
     );
     println!("  ctr task metrics:\n{}", metrics.trim_end());
+    let value = |key: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert!(value("memory.usage").is_some_and(|v| v > 0), "{metrics}");
+    assert!(value("pids.current").is_some_and(|v| v >= 1), "{metrics}");
     let ps = c.ctr_ok(&["task", "ps", "sleeper"]);
     assert!(ps.lines().count() >= 2, "{ps}");
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "sleeper"]);
@@ -223,4 +232,101 @@ fn a_killed_shim_is_cleaned_up_by_task_delete() {
         socket_dirs.is_empty(),
         "vhost-user socket dirs of the dead shim: {socket_dirs:?}"
     );
+}
+
+const SANDBOX: &str = "io.kubernetes.cri.sandbox-id";
+
+#[test]
+fn containers_of_one_pod_share_one_vm_with_their_own_images() {
+    let c = containerd_with_image("pod");
+    let second = c.dir.join("second.tar");
+    images::busybox_oci_archive_marked(&second, "localhost/second:test", "second image");
+    c.import(&second);
+    let group = format!("{SANDBOX}=pod1");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &group,
+        IMAGE,
+        "pod1",
+        "sleep",
+        "1000",
+    ]);
+    let server = "mkdir /www && echo served-by-app2 > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www";
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &group,
+        "localhost/second:test",
+        "app2",
+        "sh",
+        "-c",
+        server,
+    ]);
+    let shims = Command::new("pgrep")
+        .args([
+            "-fc",
+            &format!("containerd-shim-kubevirt-v1 .*{}", c.dir.display()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&shims.stdout).trim(),
+        "1",
+        "one shim for the pod"
+    );
+
+    let exec = |id: &str, exec_id: &str, script: &str| {
+        c.ctr_ok(&["task", "exec", "--exec-id", exec_id, id, "sh", "-c", script])
+    };
+    // One VM (same boot id), separate images and file systems, one network.
+    let a = exec(
+        "pod1",
+        "a",
+        "cat /proc/sys/kernel/random/boot_id /etc/image-marker",
+    );
+    let b = exec(
+        "app2",
+        "b",
+        "cat /proc/sys/kernel/random/boot_id /etc/image-marker",
+    );
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    assert_eq!(a[0], b[0], "both containers run in the same VM");
+    assert_eq!((a[1], b[1]), ("busybox test image", "second image"));
+    let page = exec("pod1", "w", "test ! -e /www && i=0; until wget -q -O - http://127.0.0.1:8080/; do i=$((i+1)); [ $i -lt 100 ] || exit 9; sleep 0.1; done");
+    assert_eq!(page, "served-by-app2\n");
+
+    // A container removed frees its slot; a third one takes it.
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "app2"]);
+    wait_task_ls(&c, "app2 to stop", |ls| {
+        ls.lines()
+            .any(|l| l.starts_with("app2") && l.contains("STOPPED"))
+    });
+    c.ctr_ok(&["task", "delete", "app2"]);
+    c.ctr_ok(&["container", "delete", "app2"]);
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &group,
+        "localhost/second:test",
+        "app3",
+        "cat",
+        "/etc/image-marker",
+    ]);
+    assert_eq!(out, "second image\n");
+
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "pod1"]);
+    wait_task_ls(&c, "pod1 to stop", |ls| ls.contains("STOPPED"));
+    c.ctr_ok(&["task", "delete", "pod1"]);
+    c.ctr_ok(&["container", "delete", "pod1"]);
+    assert_clean(&c);
 }

@@ -259,8 +259,12 @@ pub(crate) fn execute(disk: Option<&Disk>, id: &[u8; ID_LEN], job: Job) -> Done 
         (Op::Read { .. }, None) => zero_fill(&mem, &req.data),
         (Op::Flush, None) => Ok(0),
         (_, None) => Err(io::Error::other("no medium in the slot")),
-        (Op::Read { sector }, Some(disk)) => transfer(disk, &mem, &req.data, sector * SECTOR_SIZE, Dir::Read),
-        (Op::Write { sector }, Some(disk)) => transfer(disk, &mem, &req.data, sector * SECTOR_SIZE, Dir::Write),
+        (Op::Read { sector }, Some(disk)) => {
+            transfer(disk, &mem, &req.data, sector * SECTOR_SIZE, Dir::Read)
+        }
+        (Op::Write { sector }, Some(disk)) => {
+            transfer(disk, &mem, &req.data, sector * SECTOR_SIZE, Dir::Write)
+        }
         (Op::Flush, Some(disk)) => disk.file.sync_data().map(|()| 0),
         (Op::Discard { sector, sectors }, Some(disk)) => discard(disk, sector, sectors).map(|()| 0),
         (
@@ -400,7 +404,8 @@ fn zero_fill(mem: &GuestMemoryMmap, segs: &[Segment]) -> io::Result<u64> {
         let mut done = 0u64;
         while done < u64::from(s.len) {
             let len = (u64::from(s.len) - done).min(zeroes.len() as u64) as usize;
-            mem.write_slice(&zeroes[..len], s.addr.unchecked_add(done)).map_err(io::Error::other)?;
+            mem.write_slice(&zeroes[..len], s.addr.unchecked_add(done))
+                .map_err(io::Error::other)?;
             done += len as u64;
         }
         n += done;

@@ -704,6 +704,9 @@ fn a_media_slot_changes_its_medium_while_serving() {
     assert_eq!(h.read(0, 512).2, vec![0u8; 512]);
     assert_eq!(h.write(0, &[1; 512]).0, IOERR);
     // A bad medium is refused by name and leaves the slot as it was.
-    let e = slot.insert(&dir.0.join("missing.img"), true).unwrap_err().to_string();
+    let e = slot
+        .insert(&dir.0.join("missing.img"), true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing.img"), "{e}");
 }
