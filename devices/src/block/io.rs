@@ -369,7 +369,7 @@ fn transfer_iovs(disk: &Disk, iovs: &mut [libc::iovec], offset: u64, dir: Dir) -
         }
         if n == 0 {
             if disk.zero_past_end && matches!(dir, Dir::Read) {
-                for iov in &rest[..] {
+                for iov in rest {
                     // SAFETY: each iovec points into checked, guarded guest memory of
                     // `iov_len` bytes (see `transfer`).
                     unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
