@@ -43,6 +43,11 @@ fn check_bind_source(source: &Path, destination: &Path) -> Result<()> {
             ),
         ));
     }
+    // Pod-wide directories (emptyDir) live in the guest: made on first use.
+    if source.starts_with(Path::new(RUN_DIR).join("sandbox/emptydir")) {
+        std::fs::create_dir_all(source)
+            .map_err(AgentError::io(format!("create {}", source.display())))?;
+    }
     Ok(())
 }
 

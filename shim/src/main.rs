@@ -5,6 +5,8 @@ mod config;
 mod error;
 mod machine;
 mod metrics;
+mod mounts;
+mod network;
 mod pod;
 mod rootfs;
 mod service;

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use devices::block::{BlockConfig, MediaSlot};
+use devices::net::{NetConfig, TapSource};
 use devices::vsock::VsockConfig;
 use protocol::agent::{Empty, SetupSandboxRequest};
 use protocol::agent_ttrpc::AgentClient;
@@ -17,6 +18,7 @@ use vmm::{SerialOutput, VmConfig};
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
 use crate::machine::{self, Machine};
+use crate::network::{self, PodNetwork};
 
 /// Host vsock port the agent streams its log to.
 const AGENT_LOG_PORT: u32 = 1025;
@@ -31,6 +33,8 @@ pub struct PodSpec {
     pub memory_mib: u64,
     pub vcpus: u8,
     pub hostname: String,
+    /// The CNI network of the pod, when it has one.
+    pub network: Option<PodNetwork>,
 }
 
 /// Serial of the pod's shared scratch disk (every container's writable layer).
@@ -129,6 +133,15 @@ impl Pod {
                 users: 0,
             });
         }
+        if let Some(n) = &p.network {
+            vm.nets.push(NetConfig {
+                tap: TapSource::Name {
+                    name: network::TAP.into(),
+                    netns: Some(n.netns.clone()),
+                },
+                mac: Some(n.mac),
+            });
+        }
         let scratch = p.dir.join("scratch.ext4");
         crate::rootfs::scratch_disk(&scratch, cfg.scratch_mib)?;
         vm.disks.push(BlockConfig {
@@ -191,6 +204,25 @@ impl Pod {
         if let Err(e) = pod.agent.setup_sandbox(ctx(), &setup) {
             pod.shutdown();
             return Err(ShimError::agent("sandbox setup")(e));
+        }
+        if let Some(n) = &p.network {
+            let wired = network::connect_tap(n).and_then(|()| {
+                pod.agent
+                    .configure_network(ctx(), &network::guest_config(n))
+                    .map(drop)
+                    .map_err(ShimError::agent("configure the guest network"))
+            });
+            if let Err(e) = wired {
+                pod.shutdown();
+                return Err(e);
+            }
+            log::info!(
+                "pod {}: network {:?} via {} and {}",
+                pod.owner,
+                n.addresses,
+                n.veth,
+                network::TAP
+            );
         }
         Ok(pod)
     }

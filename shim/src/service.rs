@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use containerd_shim::api::{self, Status as ApiStatus};
@@ -27,6 +28,8 @@ use protocol::agent::{
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
 use crate::metrics;
+use crate::mounts;
+use crate::network;
 use crate::pod::{ctx, Pod, PodSpec, SCRATCH_ID};
 use crate::rootfs;
 use crate::stdio::{Pumps, StdioPaths};
@@ -34,6 +37,8 @@ use crate::task::{ExitInfo, Proc, Status, Task};
 
 /// CRI annotations that group a pod's containers into one shim (and VM).
 const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// `sandbox` for the CRI's pod sandbox (pause) container.
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 fn timestamp(unix_ns: i64) -> MessageField<Timestamp> {
     MessageField::some(Timestamp {
@@ -209,6 +214,11 @@ impl TaskService {
         if let Some(p) = pod.as_ref() {
             return Ok((p.clone(), false));
         }
+        let sandbox = spec["annotations"][CONTAINER_TYPE] == "sandbox";
+        let network = match network::netns_of(spec, sandbox)? {
+            Some(ns) => Some(network::discover(&ns)?),
+            None => None,
+        };
         let dir = state_dir(cfg, &self.namespace, &req.id);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(ShimError::io(format!("create {}", dir.display())))?;
@@ -221,6 +231,7 @@ impl TaskService {
                 memory_mib,
                 vcpus,
                 hostname: spec["hostname"].as_str().unwrap_or_default().to_owned(),
+                network,
             },
         );
         match booted {
@@ -251,10 +262,14 @@ impl TaskService {
         let bundle = Path::new(&req.bundle);
         let spec_bytes = fs::read(bundle.join("config.json"))
             .map_err(ShimError::io(format!("read {}/config.json", req.bundle)))?;
-        let spec: serde_json::Value = serde_json::from_slice(&spec_bytes)
+        let mut spec: serde_json::Value = serde_json::from_slice(&spec_bytes)
             .map_err(|e| ShimError::invalid("OCI spec", e.to_string()))?;
         let layers = rootfs::Layers::from_mounts(&req.rootfs, bundle)?;
+        let copies = mounts::rewrite(&mut spec, &req.id)?;
+        let spec_bytes =
+            serde_json::to_vec(&spec).map_err(|e| ShimError::invalid("OCI spec", e.to_string()))?;
         let (pod, booted) = self.pod_for(req, &spec)?;
+        let alive = Arc::new(AtomicBool::new(true));
         let created = (|| {
             let own = pod.dir.join(&req.id);
             fs::create_dir_all(&own).map_err(ShimError::io(format!("create {}", own.display())))?;
@@ -265,6 +280,8 @@ impl TaskService {
                 image.display(),
                 if cached { "cached" } else { "built" }
             );
+            let flag = alive.clone();
+            mounts::copy_and_sync(&pod.agent, copies, move || flag.load(Ordering::Relaxed))?;
             let slot = pod.attach_image(&image)?;
             let create = CreateContainerRequest {
                 container_id: req.id.clone(),
@@ -286,6 +303,7 @@ impl TaskService {
         let slot = match created {
             Ok(s) => s,
             Err(e) => {
+                alive.store(false, Ordering::Relaxed);
                 let _ = fs::remove_dir_all(pod.dir.join(&req.id));
                 if booted {
                     self.end_pod();
@@ -305,6 +323,7 @@ impl TaskService {
             bundle: req.bundle.clone(),
             pod,
             slot,
+            alive,
             init: Proc::new("", io, Vec::new()),
             execs: Mutex::default(),
         });
@@ -476,6 +495,7 @@ impl TaskService {
             if let Err(e) = t.pod.agent.remove_container(ctx(), &req) {
                 log::warn!("container {id}: remove in the guest: {e}");
             }
+            t.alive.store(false, Ordering::Relaxed);
             t.pod.detach_image(&t.slot);
             let _ = fs::remove_dir_all(t.pod.dir.join(id));
             self.tasks

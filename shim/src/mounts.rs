@@ -1,0 +1,242 @@
+//! The container's mounts made true inside the guest. Host paths do not exist there, so each
+//! bind mount of the OCI spec is rewritten: files and directories (hosts, resolv.conf,
+//! ConfigMaps, Secrets, service account tokens) are copied in through the agent and kept
+//! current; /dev/shm and emptyDir become guest-side directories; what the VM cannot honour is
+//! refused with the mount's name.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use protocol::agent::CopyFileRequest;
+use protocol::agent_ttrpc::AgentClient;
+
+use crate::error::{Result, ShimError};
+use crate::pod::ctx;
+
+/// Largest file or directory tree copied into the guest (ConfigMaps and Secrets are at
+/// most 1 MiB).
+const MAX_COPY: u64 = 8 << 20;
+/// How often copies are checked against their host source.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// A host file or tree copied to `/run/kubevirt/files/<rel>`.
+#[derive(Debug, Clone)]
+pub struct Copy {
+    pub host: PathBuf,
+    pub rel: String,
+}
+
+fn is_bind(m: &serde_json::Value) -> bool {
+    m["type"] == "bind"
+        || m["options"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
+}
+
+/// Rewrites the bind mounts of `spec` for the guest; returns what must be copied in.
+pub fn rewrite(spec: &mut serde_json::Value, container: &str) -> Result<Vec<Copy>> {
+    let mut copies = Vec::new();
+    let Some(mounts) = spec["mounts"].as_array_mut() else {
+        return Ok(copies);
+    };
+    for (i, m) in mounts.iter_mut().enumerate() {
+        if !is_bind(m) {
+            continue;
+        }
+        let dest = m["destination"].as_str().unwrap_or_default().to_owned();
+        let source = PathBuf::from(m["source"].as_str().unwrap_or_default());
+        let refuse = |why: String| {
+            ShimError::Unsupported(format!("mount {dest} (source {}): {why}", source.display()))
+        };
+        if dest == "/dev/shm" {
+            *m = serde_json::json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]});
+            continue;
+        }
+        if let Some(name) = emptydir_name(&source) {
+            m["source"] = format!("/run/kubevirt/sandbox/emptydir/{name}").into();
+            continue;
+        }
+        let meta = fs::metadata(&source).map_err(|e| refuse(e.to_string()))?;
+        let ft = meta.file_type();
+        if ft.is_block_device() {
+            return Err(refuse(
+                "block devices as volumes are not supported yet".into(),
+            ));
+        }
+        if !ft.is_file() && !ft.is_dir() {
+            return Err(refuse(
+                "only files and directories can be copied into the VM".into(),
+            ));
+        }
+        let size = tree_size(&source);
+        if size > MAX_COPY {
+            return Err(refuse(format!(
+                "{size} bytes is more than the {MAX_COPY} a VM copies in; use a block volume"
+            )));
+        }
+        let name = source
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "root".into());
+        let rel = format!("{container}/{i}/{name}");
+        m["source"] = format!("/run/kubevirt/files/{rel}").into();
+        copies.push(Copy { host: source, rel });
+    }
+    Ok(copies)
+}
+
+/// `kubernetes.io~empty-dir/<name>` volumes become pod-wide guest directories.
+fn emptydir_name(source: &Path) -> Option<String> {
+    let s = source.to_str()?;
+    let (_, name) = s.split_once("/volumes/kubernetes.io~empty-dir/")?;
+    (!name.is_empty() && !name.contains('/')).then(|| name.to_owned())
+}
+
+fn tree_size(p: &Path) -> u64 {
+    match fs::metadata(p) {
+        Ok(m) if m.is_dir() => fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| tree_size(&e.path()))
+            .sum(),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+/// (path, size, mtime) of every file under `p`: what changes when the host updates it.
+fn signature(p: &Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) {
+    match fs::metadata(p) {
+        Ok(m) if m.is_dir() => {
+            let mut entries: Vec<_> = fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            entries.sort();
+            entries.iter().for_each(|e| signature(e, out));
+        }
+        Ok(m) => out.push((
+            p.to_owned(),
+            m.len(),
+            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        )),
+        Err(_) => {}
+    }
+}
+
+fn copy_tree(agent: &AgentClient, host: &Path, rel: &str) -> Result<()> {
+    let meta = fs::metadata(host).map_err(ShimError::io(format!("read {}", host.display())))?;
+    if meta.is_dir() {
+        for e in fs::read_dir(host)
+            .map_err(ShimError::io(format!("read {}", host.display())))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // kubelet's atomic-writer internals (..data, ..2024_...) are resolved through
+            // the visible links.
+            if name.starts_with("..") {
+                continue;
+            }
+            copy_tree(agent, &e.path(), &format!("{rel}/{name}"))?;
+        }
+        return Ok(());
+    }
+    let data = fs::read(host).map_err(ShimError::io(format!("read {}", host.display())))?;
+    let req = CopyFileRequest {
+        path: rel.to_owned(),
+        data,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        ..Default::default()
+    };
+    agent
+        .copy_file(ctx(), &req)
+        .map_err(ShimError::agent("copy a file into the VM"))?;
+    Ok(())
+}
+
+/// Copies every source in, then keeps the copies current from a thread until `alive`
+/// returns false.
+pub fn copy_and_sync(
+    agent: &AgentClient,
+    copies: Vec<Copy>,
+    alive: impl Fn() -> bool + Send + 'static,
+) -> Result<()> {
+    let mut seen = Vec::new();
+    for c in &copies {
+        copy_tree(agent, &c.host, &c.rel)?;
+        let mut sig = Vec::new();
+        signature(&c.host, &mut sig);
+        seen.push(sig);
+    }
+    if copies.is_empty() {
+        return Ok(());
+    }
+    let agent = agent.clone();
+    std::thread::spawn(move || {
+        while alive() {
+            std::thread::sleep(SYNC_EVERY);
+            for (c, old) in copies.iter().zip(seen.iter_mut()) {
+                let mut sig = Vec::new();
+                signature(&c.host, &mut sig);
+                if sig != *old {
+                    match copy_tree(&agent, &c.host, &c.rel) {
+                        Ok(()) => log::info!("updated {} in the VM", c.host.display()),
+                        Err(e) => log::warn!("update {} in the VM: {e}", c.host.display()),
+                    }
+                    *old = sig;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_become_guest_paths_and_odd_ones_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("shim-mounts-{}", std::process::id()));
+        fs::create_dir_all(dir.join("cm")).unwrap();
+        fs::write(dir.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        fs::write(dir.join("cm/key"), "value").unwrap();
+        let mut spec = serde_json::json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": dir.join("hosts"), "options": ["rbind", "ro"]},
+            {"destination": "/etc/config", "type": "bind", "source": dir.join("cm"), "options": ["rbind", "ro"]},
+            {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm", "options": ["rbind"]},
+            {"destination": "/cache", "type": "bind", "source": "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/cache", "options": ["rbind"]}
+        ]});
+        let copies = rewrite(&mut spec, "c1").unwrap();
+        let m = &spec["mounts"];
+        assert_eq!(m[0]["source"], "proc");
+        assert_eq!(m[1]["source"], "/run/kubevirt/files/c1/1/hosts");
+        assert_eq!(m[2]["source"], "/run/kubevirt/files/c1/2/cm");
+        assert_eq!(m[3]["type"], "tmpfs");
+        assert_eq!(m[4]["source"], "/run/kubevirt/sandbox/emptydir/cache");
+        assert_eq!(copies.len(), 2);
+
+        let mut bad = serde_json::json!({"mounts": [{"destination": "/sock", "type": "bind", "source": "/nonexistent/x.sock"}]});
+        let e = rewrite(&mut bad, "c1").unwrap_err().to_string();
+        assert!(
+            e.contains("mount /sock") && e.contains("/nonexistent/x.sock"),
+            "{e}"
+        );
+        let mut dev = serde_json::json!({"mounts": [{"destination": "/null", "type": "bind", "source": "/dev/null"}]});
+        let e = rewrite(&mut dev, "c1").unwrap_err().to_string();
+        assert!(
+            e.contains("mount /null") && e.contains("files and directories"),
+            "{e}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
