@@ -10,6 +10,7 @@ pkgs=(
   erofs-utils e2fsprogs                        # container image layers (EROFS), scratch disks (ext4)
   libseccomp-dev                               # the agent applies container seccomp profiles
   containerd containernetworking-plugins       # end-to-end tests and `make demo`: a private containerd, CNI
+  protobuf-compiler                            # the CRI client of the tests (k8s-cri builds its protos)
 )
 missing=()
 for p in "${pkgs[@]}"; do

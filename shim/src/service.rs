@@ -55,8 +55,13 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// The pod's state directory: a short name from a hash of namespace and id, because the
+/// vsock sockets inside must fit a Unix socket path (108 bytes) and CRI ids are 64 bytes.
 fn state_dir(cfg: &ShimConfig, namespace: &str, id: &str) -> PathBuf {
-    cfg.state_dir.join(namespace).join(id)
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(format!("{namespace}/{id}").as_bytes());
+    let short: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    cfg.state_dir.join(short)
 }
 
 /// The shim binary's entry points (`start`, `delete`, serving).

@@ -24,6 +24,10 @@ pub fn shim_binary() -> PathBuf {
 pub struct Containerd {
     pub dir: PathBuf,
     child: Child,
+    /// The network namespace containerd runs in (CRI mode).
+    netns: Option<String>,
+    /// Pod namespaces that existed before, left alone at cleanup.
+    netns_before: Vec<String>,
 }
 
 impl Containerd {
@@ -40,7 +44,19 @@ impl Containerd {
         self.dir.join("images")
     }
 
+    /// containerd with only the API `ctr` uses (no CRI).
     pub fn start(name: &str) -> Containerd {
+        Self::start_in(name, None)
+    }
+
+    /// containerd with the CRI plugin, runtime handler `kubevirt`, and a CNI bridge network,
+    /// run inside the test's network namespace `netns` so the bridge and pod traffic stay
+    /// there. `localhost/pause:test` must be imported into namespace k8s.io before pods run.
+    pub fn start_cri(name: &str, netns: &str) -> Containerd {
+        Self::start_in(name, Some(netns))
+    }
+
+    fn start_in(name: &str, cri_netns: Option<&str>) -> Containerd {
         let dir = std::env::temp_dir().join(format!("kvctrd-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let bin = dir.join("bin");
@@ -59,25 +75,64 @@ impl Containerd {
         )
         .unwrap();
         let config = dir.join("config.toml");
-        fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",
-                dir.join("root"),
-                dir.join("state"),
-                dir.join("containerd.sock"),
-                dir.join("containerd.sock.ttrpc"),
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\n[grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",
+            dir.join("root"),
+            dir.join("state"),
+            dir.join("containerd.sock"),
+            dir.join("containerd.sock.ttrpc"),
+        );
+        match cri_netns {
+            None => text.insert_str(0, "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"),
+            Some(_) => {
+                let cni = dir.join("cni");
+                fs::create_dir_all(&cni).unwrap();
+                fs::write(
+                    cni.join("10-kvtest.conflist"),
+                    serde_json::json!({
+                        "cniVersion": "0.4.0",
+                        "name": "kvtest",
+                        "plugins": [{
+                            "type": "bridge", "bridge": "kvbr0", "isGateway": true, "ipMasq": false,
+                            "ipam": {"type": "host-local", "dataDir": dir.join("cni-ipam"),
+                                     "ranges": [[{"subnet": "10.203.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}
+                        }]
+                    })
+                    .to_string(),
+                )
+                .unwrap();
+                text.push_str(&format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"localhost/pause:test\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"runc\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kubevirt]\n  runtime_type = \"io.containerd.kubevirt.v1\"\n\
+                     [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = {:?}\n",
+                    cni
+                ));
+            }
+        }
+        fs::write(&config, text).unwrap();
+        let netns_before: Vec<String> = fs::read_dir("/var/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         let path = format!(
             "{}:{}",
             bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
         let log = fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
+        let mut cmd = match cri_netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "containerd"]);
+                c
+            }
+            None => Command::new("containerd"),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .env("PATH", path)
@@ -87,7 +142,12 @@ impl Containerd {
             .process_group(0)
             .spawn()
             .expect("start containerd (apt-get install containerd, or make deps)");
-        let c = Containerd { dir, child };
+        let c = Containerd {
+            dir,
+            child,
+            netns: cri_netns.map(str::to_owned),
+            netns_before,
+        };
         let start = Instant::now();
         while !c.ctr(&["version"]).status.success() {
             assert!(
@@ -129,9 +189,20 @@ impl Containerd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Imports an OCI archive.
+    /// Imports an OCI archive (namespace `default`, what `ctr` uses).
     pub fn import(&self, archive: &Path) {
         self.ctr_ok(&["images", "import", archive.to_str().unwrap()]);
+    }
+
+    /// Imports an OCI archive into namespace `k8s.io`, where the CRI looks.
+    pub fn import_cri(&self, archive: &Path) {
+        self.ctr_ok(&[
+            "-n",
+            "k8s.io",
+            "images",
+            "import",
+            archive.to_str().unwrap(),
+        ]);
     }
 }
 
@@ -142,6 +213,14 @@ pub fn tail(s: &str, n: usize) -> String {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // Shims and VMs of pods a failed test left running (each names our directory).
+        let dir = self.dir.display().to_string();
+        for pattern in [
+            format!("containerd-shim-kubevirt-v1 .*{dir}"),
+            format!("qemu-system.*{dir}"),
+        ] {
+            let _ = Command::new("pkill").args(["-9", "-f", &pattern]).status();
+        }
         // SAFETY: signals our own child (containerd), which then stops.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();
@@ -160,6 +239,20 @@ impl Drop for Containerd {
                 .filter(|m| m.starts_with(&root))
             {
                 let _ = Command::new("umount").args(["-l", m]).status();
+            }
+        }
+        // Pod network namespaces containerd made and did not get to remove (it mounts them
+        // in its own mount namespace, so here they are empty files).
+        if self.netns.is_some() {
+            for e in fs::read_dir("/var/run/netns")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("cni-") && !self.netns_before.contains(&name) {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
             }
         }
         let _ = fs::remove_dir_all(&self.dir);

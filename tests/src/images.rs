@@ -105,6 +105,20 @@ pub fn busybox_oci_archive(path: &Path, name: &str) {
 
 /// [`busybox_oci_archive`] with its own /etc/image-marker.
 pub fn busybox_oci_archive_marked(path: &Path, name: &str, marker: &str) {
+    busybox_oci_archive_with(path, name, marker, &["sh"]);
+}
+
+/// A pause-like image for CRI pod sandboxes: busybox sleeping forever.
+pub fn pause_oci_archive(path: &Path) {
+    busybox_oci_archive_with(
+        path,
+        "localhost/pause:test",
+        "pause",
+        &["sleep", "2147483647"],
+    );
+}
+
+fn busybox_oci_archive_with(path: &Path, name: &str, marker: &str, cmd: &[&str]) {
     let work = path.with_extension("work");
     let _ = fs::remove_dir_all(&work);
     let root = work.join("rootfs");
@@ -121,7 +135,7 @@ pub fn busybox_oci_archive_marked(path: &Path, name: &str, marker: &str) {
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]}
     }))
     .unwrap();

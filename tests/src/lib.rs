@@ -11,6 +11,7 @@ use vmm::{SerialOutput, VmConfig, VmExit};
 pub mod agent;
 pub mod blkbench;
 pub mod containerd;
+pub mod cri;
 pub mod images;
 pub mod measure;
 pub mod netns;

@@ -31,13 +31,7 @@ fn assert_clean(c: &Containerd) {
         .into_iter()
         .flatten()
         .flatten()
-        .flat_map(|ns| {
-            fs::read_dir(ns.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-        })
+        .map(|e| e.path())
         .collect();
     assert!(leftovers.is_empty(), "pod state left behind: {leftovers:?}");
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
