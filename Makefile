@@ -17,7 +17,8 @@ deps:
 	@./scripts/deps.sh
 
 BIN_DIR := target/x86_64-unknown-linux-gnu/release
-BINARIES := kubevirt-vmm kubevirt-bench kubevirt-min-vmm kubevirt-agent containerd-shim-kubevirt-v1
+BINARIES := kubevirt-vmm kubevirt-bench kubevirt-min-vmm kubevirt-demo kubevirt-agent \
+	containerd-shim-kubevirt-v1
 
 build:
 	$(CARGO) build --workspace --release

@@ -1,0 +1,128 @@
+//! `make demo`: a real pod in a microVM through containerd's CRI, as kubelet would run it.
+//! Starts a private containerd (CRI plugin, runtime handler `kubevirt`, a CNI bridge) inside a
+//! network namespace of its own, imports a busybox image built here, runs a pod whose
+//! container serves HTTP and prints its kernel, and shows what happened. Cleans up after.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use tests::containerd::{tail, Containerd};
+use tests::cri::{container_config, pod_config, Cri};
+use tests::images;
+use tests::netns::NetNs;
+
+const IMAGE: &str = "localhost/busybox:demo";
+
+fn step(s: &str) {
+    println!("\n== {s}");
+}
+
+fn shim_log(c: &Containerd, needle: &str) -> Option<String> {
+    c.log().lines().find(|l| l.contains(needle)).map(|l| {
+        let msg = l.split("msg=\"").nth(1).unwrap_or(l);
+        msg.trim_end_matches('"').replace("\\\"", "\"")
+    })
+}
+
+fn main() {
+    step("a private containerd with the kubevirt runtime handler, in its own network namespace");
+    let ns = NetNs::new("kvdemo");
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    let c = Containerd::start_cri("demo", &ns.name);
+    println!(
+        "containerd: {} (log: {})",
+        c.socket().display(),
+        c.dir.join("containerd.log").display()
+    );
+
+    step("images: busybox and a pause image, built here and imported into k8s.io");
+    let pause = c.dir.join("pause.tar");
+    images::pause_oci_archive(&pause);
+    c.import_cri(&pause);
+    let busybox = c.dir.join("busybox.tar");
+    images::busybox_oci_archive(&busybox, IMAGE);
+    c.import_cri(&busybox);
+    println!("imported localhost/pause:test and {IMAGE}");
+
+    step("CRI: RunPodSandbox with runtime handler kubevirt, then a container");
+    let mut cri = Cri::connect(&c.socket()).expect("connect to containerd's CRI socket");
+    let logs = c.dir.join("pod-logs");
+    std::fs::create_dir_all(&logs).expect("log directory");
+    let pod_cfg = pod_config("demo", &logs);
+    let t0 = Instant::now();
+    let pod = cri
+        .run_pod(pod_cfg.clone())
+        .unwrap_or_else(|e| panic!("RunPodSandbox failed: {e}\n{}", tail(&c.log(), 30)));
+    let boot = t0.elapsed();
+    let script = "mkdir -p /www && echo \"hello from a pod in a microVM, kernel $(uname -r)\" > /www/index.html \
+        && exec httpd -f -p 8080 -h /www";
+    let t1 = Instant::now();
+    let id = cri
+        .create_container(
+            &pod,
+            container_config("web", IMAGE, &["sh", "-c", script], vec![]),
+            &pod_cfg,
+        )
+        .unwrap_or_else(|e| panic!("CreateContainer failed: {e}\n{}", tail(&c.log(), 30)));
+    cri.start_container(&id).expect("StartContainer");
+    let start = t1.elapsed();
+    if let Some(l) = shim_log(&c, "machine ") {
+        println!("back end: {l}");
+    }
+    if let Some(l) = shim_log(&c, "agent ready") {
+        println!("boot:     {l}");
+    }
+    println!(
+        "RunPodSandbox (VM boot included) {:.2} s; CreateContainer + StartContainer {:.2} s",
+        boot.as_secs_f64(),
+        start.as_secs_f64()
+    );
+
+    step("the pod");
+    let ip = cri
+        .pod_status(&pod)
+        .ok()
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    let r = cri
+        .exec_sync(&id, &["uname", "-r"])
+        .expect("ExecSync uname -r");
+    let host = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .expect("uname");
+    println!(
+        "guest uname -r: {}",
+        String::from_utf8_lossy(&r.stdout).trim()
+    );
+    println!(
+        "host  uname -r: {}",
+        String::from_utf8_lossy(&host.stdout).trim()
+    );
+    let addr: std::net::SocketAddr = format!("{ip}:8080").parse().expect("pod IP");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let got = ns.run(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).ok()?;
+            resp.split_once("\r\n\r\n")
+                .map(|(_, b)| b.trim().to_owned())
+        });
+        if let Some(p) = got {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the pod IP {ip} did not answer");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("pod IP {ip}:8080 answers: {page}");
+
+    step("cleanup: StopPodSandbox, RemovePodSandbox, containerd stopped");
+    cri.stop_pod(&pod).expect("StopPodSandbox");
+    cri.remove_pod(&pod).expect("RemovePodSandbox");
+    drop(c);
+    drop(ns);
+    println!("done");
+}
