@@ -21,6 +21,26 @@ const MAX_COPY: u64 = 8 << 20;
 /// How often copies are checked against their host source.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 
+/// A host block device a bind mount names: attached to the VM and mounted by the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub host: PathBuf,
+    pub read_only: bool,
+}
+
+/// The guest mount point of the pod volume in disk slot `slot`.
+pub fn volume_path(slot: &str) -> String {
+    format!("/run/kubevirt/volumes/{slot}")
+}
+
+/// What a container's mounts need besides the rewritten spec.
+#[derive(Debug, Default)]
+pub struct Needs {
+    pub copies: Vec<Copy>,
+    /// (index of the mount in the spec, the volume).
+    pub volumes: Vec<(usize, Volume)>,
+}
+
 /// A host file or tree copied to `/run/kubevirt/files/<rel>`.
 #[derive(Debug, Clone)]
 pub struct Copy {
@@ -35,11 +55,12 @@ fn is_bind(m: &serde_json::Value) -> bool {
             .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
 }
 
-/// Rewrites the bind mounts of `spec` for the guest; returns what must be copied in.
-pub fn rewrite(spec: &mut serde_json::Value, container: &str) -> Result<Vec<Copy>> {
-    let mut copies = Vec::new();
+/// Rewrites the bind mounts of `spec` for the guest; returns what must be copied in and
+/// which block devices must be attached (their sources are set by [`set_volume_source`]).
+pub fn rewrite(spec: &mut serde_json::Value, container: &str) -> Result<Needs> {
+    let mut needs = Needs::default();
     let Some(mounts) = spec["mounts"].as_array_mut() else {
-        return Ok(copies);
+        return Ok(needs);
     };
     for (i, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
@@ -62,9 +83,17 @@ pub fn rewrite(spec: &mut serde_json::Value, container: &str) -> Result<Vec<Copy
         let meta = fs::metadata(&source).map_err(|e| refuse(e.to_string()))?;
         let ft = meta.file_type();
         if ft.is_block_device() {
-            return Err(refuse(
-                "block devices as volumes are not supported yet".into(),
+            let read_only = m["options"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|o| o == "ro"));
+            needs.volumes.push((
+                i,
+                Volume {
+                    host: source.clone(),
+                    read_only,
+                },
             ));
+            continue;
         }
         if !ft.is_file() && !ft.is_dir() {
             return Err(refuse(
@@ -83,9 +112,24 @@ pub fn rewrite(spec: &mut serde_json::Value, container: &str) -> Result<Vec<Copy
             .unwrap_or_else(|| "root".into());
         let rel = format!("{container}/{i}/{name}");
         m["source"] = format!("/run/kubevirt/files/{rel}").into();
-        copies.push(Copy { host: source, rel });
+        needs.copies.push(Copy { host: source, rel });
     }
-    Ok(copies)
+    Ok(needs)
+}
+
+/// Points mount `index` of `spec` at the guest mount of the volume in `slot`.
+pub fn set_volume_source(spec: &mut serde_json::Value, index: usize, slot: &str) {
+    spec["mounts"][index]["source"] = volume_path(slot).into();
+}
+
+/// The file system on a host block device (`blkid`), empty for a raw device.
+pub fn fstype(dev: &Path) -> String {
+    std::process::Command::new("blkid")
+        .args(["-o", "value", "-s", "TYPE"])
+        .arg(dev)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// `kubernetes.io~empty-dir/<name>` volumes become pod-wide guest directories.
@@ -216,7 +260,7 @@ mod tests {
             {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm", "options": ["rbind"]},
             {"destination": "/cache", "type": "bind", "source": "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/cache", "options": ["rbind"]}
         ]});
-        let copies = rewrite(&mut spec, "c1").unwrap();
+        let copies = rewrite(&mut spec, "c1").unwrap().copies;
         let m = &spec["mounts"];
         assert_eq!(m[0]["source"], "proc");
         assert_eq!(m[1]["source"], "/run/kubevirt/files/c1/1/hosts");

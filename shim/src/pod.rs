@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use devices::block::{BlockConfig, MediaSlot};
 use devices::net::{NetConfig, TapSource};
 use devices::vsock::VsockConfig;
-use protocol::agent::{Empty, SetupSandboxRequest};
+use protocol::agent::{Empty, MountVolumeRequest, SetupSandboxRequest};
 use protocol::agent_ttrpc::AgentClient;
 use protocol::ttrpc::context;
 use vmm::{SerialOutput, VmConfig};
@@ -46,6 +46,8 @@ struct Slot {
     id: String,
     media: MediaSlot,
     image: Option<PathBuf>,
+    /// A pod volume (a host block device) holds the slot until the VM ends.
+    volume: Option<PathBuf>,
     users: usize,
 }
 
@@ -130,6 +132,7 @@ impl Pod {
                 id: format!("slot{i}"),
                 media,
                 image: None,
+                volume: None,
                 users: 0,
             });
         }
@@ -234,17 +237,55 @@ impl Pod {
             s.users += 1;
             return Ok(s.id.clone());
         }
-        let s = slots.iter_mut().find(|s| s.users == 0).ok_or_else(|| {
-            ShimError::Unsupported(format!(
-                "every disk slot of the pod VM holds an image in use; raise disk_slots in {}",
-                crate::config::DEFAULT_PATH
-            ))
-        })?;
+        let s = slots
+            .iter_mut()
+            .find(|s| s.users == 0 && s.volume.is_none())
+            .ok_or_else(|| {
+                ShimError::Unsupported(format!(
+                    "every disk slot of the pod VM holds an image in use; raise disk_slots in {}",
+                    crate::config::DEFAULT_PATH
+                ))
+            })?;
         s.media
             .insert(image, true)
             .map_err(|e| ShimError::Vm(format!("insert {} in {}: {e}", image.display(), s.id)))?;
         s.image = Some(image.to_owned());
         s.users = 1;
+        Ok(s.id.clone())
+    }
+
+    /// Attaches the host block device `dev` to the VM (once per pod) and has the agent mount
+    /// it; returns the slot, whose guest mount is `mounts::volume_path(slot)`.
+    pub fn attach_volume(&self, dev: &Path, read_only: bool) -> Result<String> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slots.iter().find(|s| s.volume.as_deref() == Some(dev)) {
+            return Ok(s.id.clone());
+        }
+        let s = slots
+            .iter_mut()
+            .find(|s| s.users == 0 && s.volume.is_none())
+            .ok_or_else(|| {
+                ShimError::Unsupported(format!(
+                    "no free disk slot for volume {}; raise disk_slots in {}",
+                    dev.display(),
+                    crate::config::DEFAULT_PATH
+                ))
+            })?;
+        s.media
+            .insert(dev, read_only)
+            .map_err(|e| ShimError::Vm(format!("attach {} in {}: {e}", dev.display(), s.id)))?;
+        let req = MountVolumeRequest {
+            name: s.id.clone(),
+            device_id: s.id.clone(),
+            fstype: crate::mounts::fstype(dev),
+            read_only,
+            ..Default::default()
+        };
+        if let Err(e) = self.agent.mount_volume(ctx(), &req) {
+            s.media.eject();
+            return Err(ShimError::agent("mount a volume")(e));
+        }
+        s.volume = Some(dev.to_owned());
         Ok(s.id.clone())
     }
 

@@ -270,9 +270,7 @@ impl TaskService {
         let mut spec: serde_json::Value = serde_json::from_slice(&spec_bytes)
             .map_err(|e| ShimError::invalid("OCI spec", e.to_string()))?;
         let layers = rootfs::Layers::from_mounts(&req.rootfs, bundle)?;
-        let copies = mounts::rewrite(&mut spec, &req.id)?;
-        let spec_bytes =
-            serde_json::to_vec(&spec).map_err(|e| ShimError::invalid("OCI spec", e.to_string()))?;
+        let needs = mounts::rewrite(&mut spec, &req.id)?;
         let (pod, booted) = self.pod_for(req, &spec)?;
         let alive = Arc::new(AtomicBool::new(true));
         let created = (|| {
@@ -286,7 +284,16 @@ impl TaskService {
                 if cached { "cached" } else { "built" }
             );
             let flag = alive.clone();
-            mounts::copy_and_sync(&pod.agent, copies, move || flag.load(Ordering::Relaxed))?;
+            mounts::copy_and_sync(&pod.agent, needs.copies, move || {
+                flag.load(Ordering::Relaxed)
+            })?;
+            let mut spec = spec;
+            for (index, v) in &needs.volumes {
+                let slot = pod.attach_volume(&v.host, v.read_only)?;
+                mounts::set_volume_source(&mut spec, *index, &slot);
+            }
+            let spec_bytes = serde_json::to_vec(&spec)
+                .map_err(|e| ShimError::invalid("OCI spec", e.to_string()))?;
             let slot = pod.attach_image(&image)?;
             let create = CreateContainerRequest {
                 container_id: req.id.clone(),

@@ -24,10 +24,6 @@ pub fn shim_binary() -> PathBuf {
 pub struct Containerd {
     pub dir: PathBuf,
     child: Child,
-    /// The network namespace containerd runs in (CRI mode).
-    netns: Option<String>,
-    /// Pod namespaces that existed before, left alone at cleanup.
-    netns_before: Vec<String>,
 }
 
 impl Containerd {
@@ -112,12 +108,6 @@ impl Containerd {
             }
         }
         fs::write(&config, text).unwrap();
-        let netns_before: Vec<String> = fs::read_dir("/var/run/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
         let path = format!(
             "{}:{}",
             bin.display(),
@@ -142,12 +132,7 @@ impl Containerd {
             .process_group(0)
             .spawn()
             .expect("start containerd (apt-get install containerd, or make deps)");
-        let c = Containerd {
-            dir,
-            child,
-            netns: cri_netns.map(str::to_owned),
-            netns_before,
-        };
+        let c = Containerd { dir, child };
         let start = Instant::now();
         while !c.ctr(&["version"]).status.success() {
             assert!(
@@ -221,6 +206,20 @@ impl Drop for Containerd {
         ] {
             let _ = Command::new("pkill").args(["-9", "-f", &pattern]).status();
         }
+        // Pod network namespaces are mounted in containerd's own mount namespace (it runs
+        // under `ip netns exec`): note them before it goes, to delete the host's entries.
+        let pod_netns: Vec<String> =
+            fs::read_to_string(format!("/proc/{}/mounts", self.child.id()))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split(' ').nth(1))
+                .filter_map(|m| {
+                    m.strip_prefix("/run/netns/")
+                        .or_else(|| m.strip_prefix("/var/run/netns/"))
+                })
+                .filter(|n| n.starts_with("cni-"))
+                .map(str::to_owned)
+                .collect();
         // SAFETY: signals our own child (containerd), which then stops.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();
@@ -241,19 +240,9 @@ impl Drop for Containerd {
                 let _ = Command::new("umount").args(["-l", m]).status();
             }
         }
-        // Pod network namespaces containerd made and did not get to remove (it mounts them
-        // in its own mount namespace, so here they are empty files).
-        if self.netns.is_some() {
-            for e in fs::read_dir("/var/run/netns")
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("cni-") && !self.netns_before.contains(&name) {
-                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
-                }
-            }
+        // Pod network namespaces containerd did not get to remove.
+        for name in pod_netns {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -18,6 +18,31 @@ use tests::netns::NetNs;
 
 const IMAGE: &str = "localhost/busybox:test";
 
+/// A loop device over a file, detached on drop.
+struct Loop(std::path::PathBuf);
+
+impl Loop {
+    fn attach(file: &std::path::Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8_lossy(&out.stdout).trim().into())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
 fn cri_env(name: &str) -> (NetNs, Containerd, Cri) {
     let ns = NetNs::new(name);
     ns.exec(&["ip", "link", "set", "lo", "up"]);
@@ -55,7 +80,7 @@ fn until<T>(what: &str, c: &Containerd, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 #[test]
-fn a_pod_through_the_cri_two_containers_network_files_logs_stats() {
+fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() {
     let (ns, c, mut cri) = cri_env("kvcri");
     let logs = c.dir.join("pod-logs");
     fs::create_dir_all(&logs).unwrap();
@@ -87,13 +112,23 @@ fn a_pod_through_the_cri_two_containers_network_files_logs_stats() {
         "  CreateContainer + StartContainer: {:.2} s",
         t1.elapsed().as_secs_f64()
     );
+    // A block volume: an ext4 image on a loop device, mounted at /data in the sidecar.
+    let image = c.dir.join("volume.ext4");
+    images::ext4(&image, 64);
+    let loopdev = Loop::attach(&image);
+    let volume = vec![bind(&loopdev.0, "/data", false)];
     let side = cri
         .create_container(
             &pod,
-            container_config("sidecar", IMAGE, &["sleep", "1000"], vec![]),
+            container_config("sidecar", IMAGE, &["sleep", "1000"], volume),
             &pod_cfg,
         )
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "CreateContainer with a block volume: {e}\n{}",
+                tail(&c.log(), 30)
+            )
+        });
     cri.start_container(&side).unwrap();
 
     // ExecSync in the other container: same VM network, the pod's hostname and DNS.
@@ -114,6 +149,22 @@ fn a_pod_through_the_cri_two_containers_network_files_logs_stats() {
     assert!(lines[3].ends_with("-kubevirt"), "the guest kernel: {out}");
     let r = cri.exec_sync(&side, &["sh", "-c", "exit 3"]).unwrap();
     assert_eq!(r.exit_code, 3);
+    let r = cri
+        .exec_sync(
+            &side,
+            &[
+                "sh",
+                "-c",
+                "echo written-in-the-vm > /data/hello && sync && cat /data/hello",
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "written-in-the-vm\n",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
 
     // The pod IP answers from the test's network namespace (where the CNI bridge is).
     let ip = cri
@@ -184,6 +235,14 @@ fn a_pod_through_the_cri_two_containers_network_files_logs_stats() {
         "VM processes left: {}",
         String::from_utf8_lossy(&vms.stdout)
     );
+    // The volume's data is on the host's disk.
+    drop(loopdev);
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /hello"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "written-in-the-vm\n");
     let taps = Command::new("ip")
         .args(["-n", &ns.name, "link"])
         .output()
