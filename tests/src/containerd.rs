@@ -42,34 +42,41 @@ impl Containerd {
 
     /// containerd with only the API `ctr` uses (no CRI).
     pub fn start(name: &str) -> Containerd {
-        Self::start_in(name, None)
+        Self::start_in(name, None, |c| c)
+    }
+
+    /// [`Containerd::start`] with the shim's config.toml passed through `edit` (to test
+    /// what a bad configuration does).
+    pub fn start_with_shim_config(name: &str, edit: impl Fn(String) -> String) -> Containerd {
+        Self::start_in(name, None, edit)
     }
 
     /// containerd with the CRI plugin, runtime handler `kubevirt`, and a CNI bridge network,
     /// run inside the test's network namespace `netns` so the bridge and pod traffic stay
     /// there. `localhost/pause:test` must be imported into namespace k8s.io before pods run.
     pub fn start_cri(name: &str, netns: &str) -> Containerd {
-        Self::start_in(name, Some(netns))
+        Self::start_in(name, Some(netns), |c| c)
     }
 
-    fn start_in(name: &str, cri_netns: Option<&str>) -> Containerd {
+    fn start_in(
+        name: &str,
+        cri_netns: Option<&str>,
+        edit: impl Fn(String) -> String,
+    ) -> Containerd {
         let dir = std::env::temp_dir().join(format!("kvctrd-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let bin = dir.join("bin");
         fs::create_dir_all(&bin).unwrap();
         std::os::unix::fs::symlink(shim_binary(), bin.join("containerd-shim-kubevirt-v1")).unwrap();
         let shim_cfg = dir.join("shim.toml");
-        fs::write(
-            &shim_cfg,
-            format!(
-                "kernel = {:?}\ninitramfs = {:?}\nstate_dir = {:?}\nimage_cache = {:?}\nscratch_mib = 256\n",
-                guest_file("vmlinux"),
-                guest_file("initramfs.img"),
-                dir.join("shim-state"),
-                dir.join("images"),
-            ),
-        )
-        .unwrap();
+        let text = format!(
+            "kernel = {:?}\ninitramfs = {:?}\nstate_dir = {:?}\nimage_cache = {:?}\nscratch_mib = 256\n",
+            guest_file("vmlinux"),
+            guest_file("initramfs.img"),
+            dir.join("shim-state"),
+            dir.join("images"),
+        );
+        fs::write(&shim_cfg, edit(text)).unwrap();
         let config = dir.join("config.toml");
         let mut text = format!(
             "version = 2\nroot = {:?}\nstate = {:?}\n[grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n",

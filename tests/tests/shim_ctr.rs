@@ -166,6 +166,11 @@ fn ctr_run_uname_exit_codes_exec_metrics_kill() {
     };
     assert!(value("memory.usage").is_some_and(|v| v > 0), "{metrics}");
     assert!(value("pids.current").is_some_and(|v| v >= 1), "{metrics}");
+    // Pause freezes the container's cgroup in the guest; resume thaws it.
+    c.ctr_ok(&["task", "pause", "sleeper"]);
+    assert!(c.ctr_ok(&["task", "ls"]).contains("PAUSED"));
+    c.ctr_ok(&["task", "resume", "sleeper"]);
+    assert!(c.ctr_ok(&["task", "ls"]).contains("RUNNING"));
     let ps = c.ctr_ok(&["task", "ps", "sleeper"]);
     assert!(ps.lines().count() >= 2, "{ps}");
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "sleeper"]);
@@ -323,4 +328,71 @@ fn containers_of_one_pod_share_one_vm_with_their_own_images() {
     c.ctr_ok(&["task", "delete", "pod1"]);
     c.ctr_ok(&["container", "delete", "pod1"]);
     assert_clean(&c);
+}
+
+/// Runs a container expecting failure; returns ctr's error output.
+fn run_fails(c: &Containerd, id: &str, extra: &[&str]) -> String {
+    let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id, "true"]);
+    let out = c.ctr(&args);
+    assert!(!out.status.success(), "{id} should have failed");
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    println!("  refused: {}", e.trim());
+    e
+}
+
+#[test]
+fn bad_input_fails_with_a_message_that_names_it() {
+    // A missing guest kernel.
+    let c = Containerd::start_with_shim_config("nokernel", |cfg| {
+        cfg.lines()
+            .map(|l| {
+                if l.starts_with("kernel") {
+                    "kernel = \"/nonexistent/vmlinux\""
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let archive = c.dir.join("busybox.tar");
+    images::busybox_oci_archive(&archive, IMAGE);
+    c.import(&archive);
+    let e = run_fails(&c, "nokernel", &[]);
+    assert!(
+        e.contains("guest kernel") && e.contains("/nonexistent/vmlinux"),
+        "{e}"
+    );
+    assert_clean(&c);
+    drop(c);
+
+    // An unknown option in the shim's configuration.
+    let c = Containerd::start_with_shim_config("badopt", |cfg| format!("{cfg}memory_mb = 512\n"));
+    c.import(&archive_for(&c));
+    let e = run_fails(&c, "badopt", &[]);
+    assert!(e.contains("memory_mb") && e.contains("shim.toml"), "{e}");
+    drop(c);
+
+    // A volume the VM cannot honour: a Unix socket.
+    let c = containerd_with_image("badvol");
+    let sock = c.dir.join("app.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/run/app.sock,options=rbind",
+        sock.display()
+    );
+    let e = run_fails(&c, "badvol", &["--mount", &mount]);
+    assert!(
+        e.contains("mount /run/app.sock") && e.contains("files and directories"),
+        "{e}"
+    );
+    assert_clean(&c);
+}
+
+fn archive_for(c: &Containerd) -> std::path::PathBuf {
+    let archive = c.dir.join("busybox.tar");
+    images::busybox_oci_archive(&archive, IMAGE);
+    archive
 }
