@@ -396,3 +396,29 @@ fn archive_for(c: &Containerd) -> std::path::PathBuf {
     images::busybox_oci_archive(&archive, IMAGE);
     archive
 }
+
+#[test]
+fn ctr_run_with_a_terminal() {
+    let c = containerd_with_image("tty");
+    // `ctr run -t` needs a terminal of its own: script(1) gives it a pty.
+    let cmd = format!(
+        "ctr --address {} run -t --rm --runtime {RUNTIME} {IMAGE} tty1 sh -c 'tty; echo term=$TERM'",
+        c.socket().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(
+        out.status.success(),
+        "ctr run -t: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("/dev/pts/0\n"),
+        "the container's stdio is a terminal in the guest: {text:?}"
+    );
+    assert_clean(&c);
+}
