@@ -51,9 +51,9 @@ impl Containerd {
         Self::start_in(name, None, edit)
     }
 
-    /// containerd with the CRI plugin, runtime handler `kubevirt`, and a CNI bridge network,
-    /// run inside the test's network namespace `netns` so the bridge and pod traffic stay
-    /// there. `localhost/pause:test` must be imported into namespace k8s.io before pods run.
+    /// containerd with the CRI plugin, runtime handlers `kubevirt` and `runc` (the default),
+    /// and a CNI bridge network, run inside the test's network namespace `netns` so the
+    /// bridge and pod traffic stay there. `localhost/pause:test` must be imported into namespace k8s.io before pods run.
     pub fn start_cri(name: &str, netns: &str) -> Containerd {
         Self::start_in(name, Some(netns), |c| c)
     }
@@ -122,9 +122,18 @@ impl Containerd {
         );
         let log = fs::File::create(dir.join("containerd.log")).unwrap();
         let mut cmd = match cri_netns {
+            // In the test's network namespace, with a private copy of the mount table (the pod
+            // netns mounts stay ours) that keeps the host's cgroup mounts, which runc needs
+            // (`ip netns exec` would remount /sys and hide them).
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "containerd"]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).args([
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "containerd",
+                ]);
                 c
             }
             None => Command::new("containerd"),
@@ -213,8 +222,8 @@ impl Drop for Containerd {
         ] {
             let _ = Command::new("pkill").args(["-9", "-f", &pattern]).status();
         }
-        // Pod network namespaces are mounted in containerd's own mount namespace (it runs
-        // under `ip netns exec`): note them before it goes, to delete the host's entries.
+        // Pod network namespaces are mounted in containerd's own mount namespace: note them
+        // before it goes, to delete the host's entries.
         let pod_netns: Vec<String> =
             fs::read_to_string(format!("/proc/{}/mounts", self.child.id()))
                 .unwrap_or_default()

@@ -57,9 +57,14 @@ impl Cri {
     }
 
     pub fn run_pod(&mut self, config: PodSandboxConfig) -> Result<String> {
+        self.run_pod_with(config, HANDLER)
+    }
+
+    /// RunPodSandbox with another runtime handler ("" is containerd's default, runc).
+    pub fn run_pod_with(&mut self, config: PodSandboxConfig, handler: &str) -> Result<String> {
         let req = RunPodSandboxRequest {
             config: Some(config),
-            runtime_handler: HANDLER.into(),
+            runtime_handler: handler.into(),
         };
         let c = &mut self.client;
         self.rt.block_on(async {

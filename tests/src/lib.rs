@@ -15,6 +15,7 @@ pub mod cri;
 pub mod images;
 pub mod measure;
 pub mod netns;
+pub mod podbench;
 
 /// Path of tiny test guest `name` (assembled from `vmm/guests/<name>.S`).
 pub fn guest(name: &str) -> PathBuf {

@@ -1,7 +1,8 @@
 //! `make bench`: how fast and how lean the VMM is, side by side with peers measured in the
 //! same run. Prints a table and writes target/bench/report.md.
 //!
-//! usage: kubevirt-bench [--runs N] [--only vmm|blk] [--blk-rounds N] [--blk-secs S]
+//! usage: kubevirt-bench [--runs N] [--only vmm|blk|pod] [--blk-rounds N] [--blk-secs S]
+//!                       [--pod-runs N]
 //!        kubevirt-bench --serve-blk IMAGE SOCKET   (our vhost-user-blk back end, for the bench)
 
 use std::fmt::Write as _;
@@ -124,10 +125,14 @@ fn main() {
     let only: Option<String> = flag(&args, "--only");
     let mut r = String::new();
     let _ = writeln!(r, "# kubevirt-shim benchmark report\n");
-    if only.as_deref() != Some("blk") {
+    let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
+    if want("vmm") {
         vmm_section(&mut r, flag(&args, "--runs").unwrap_or(15));
     }
-    if only.as_deref() != Some("vmm") {
+    if want("pod") {
+        tests::podbench::pod_section(&mut r, flag(&args, "--pod-runs").unwrap_or(5), &progress);
+    }
+    if want("blk") {
         blk_section(
             &mut r,
             flag(&args, "--blk-rounds").unwrap_or(3),
