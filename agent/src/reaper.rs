@@ -24,6 +24,8 @@ pub struct Exit {
 pub struct Exits {
     done: Mutex<HashMap<i32, (u64, Exit)>>,
     cond: Condvar,
+    /// Order of reaping, to drop the oldest unclaimed exits first.
+    seq: std::sync::atomic::AtomicU64,
 }
 
 const KEEP: usize = 4096;
@@ -35,7 +37,7 @@ impl Exits {
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = done.values().map(|(s, _)| *s).max().unwrap_or(0) + 1;
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         done.insert(
             pid,
             (

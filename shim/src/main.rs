@@ -3,12 +3,14 @@
 
 mod config;
 mod error;
+mod lifecycle;
 mod machine;
 mod metrics;
 mod mounts;
 mod network;
 mod pod;
 mod rootfs;
+mod rpc;
 mod service;
 mod stdio;
 mod task;
@@ -20,5 +22,5 @@ fn main() {
         no_reaper: true,
         ..Default::default()
     };
-    containerd_shim::run::<service::Service>("io.containerd.kubevirt.v1", Some(config));
+    containerd_shim::run::<lifecycle::Service>("io.containerd.kubevirt.v1", Some(config));
 }

@@ -58,14 +58,6 @@ fn in_netns(netns: &Path, what: &str, cmd: &[&str]) -> Result<()> {
     Ok(())
 }
 
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let v: Vec<u8> = s
-        .split(':')
-        .filter_map(|b| u8::from_str_radix(b, 16).ok())
-        .collect();
-    v.try_into().ok()
-}
-
 /// Reads the pod network CNI made: the one non-loopback link, its addresses and routes.
 pub fn discover(netns: &Path) -> Result<PodNetwork> {
     let links = ip_json(netns, &["link", "show"])?;
@@ -83,7 +75,7 @@ pub fn discover(netns: &Path) -> Result<PodNetwork> {
     let name = veth["ifname"].as_str().unwrap_or_default().to_owned();
     let mac = veth["address"]
         .as_str()
-        .and_then(parse_mac)
+        .and_then(vmm::config::parse_mac)
         .ok_or_else(|| ShimError::invalid("pod network", format!("link {name} has no MAC")))?;
     let mtu = veth["mtu"].as_u64().unwrap_or(1500) as u32;
     let addrs = ip_json(netns, &["addr", "show", "dev", &name])?;

@@ -1,5 +1,7 @@
-//! containerd's side: the shim v2 `start`/`delete` actions and the Task service. One shim and
-//! one VM per pod; every container of the pod runs in that VM through the agent.
+//! The pod's containers as containerd sees them: creating a task (rootfs, mounts, the VM for
+//! the first one), starting its processes, pausing, deleting, and the events. The RPC glue is
+//! in `rpc.rs`, the shim's `start`/`delete` actions in `lifecycle.rs`. One shim and one VM per
+//! pod; every container of the pod runs in that VM through the agent.
 
 use std::collections::HashMap;
 use std::fs;
@@ -7,27 +9,21 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use containerd_shim::api::{self, Status as ApiStatus};
+use containerd_shim::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
-    TaskResumed, TaskStart,
+    TaskDelete, TaskExit, TaskOOM, TaskPaused, TaskResumed,
 };
-use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::topics;
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{
-    Config, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
-};
+use containerd_shim::ExitSignal;
 use protocol::agent::{
-    ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest, ResizeTtyRequest,
-    Rootfs, SignalRequest, UpdateContainerRequest,
+    ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest, Rootfs,
 };
 
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
-use crate::metrics;
 use crate::mounts;
 use crate::network;
 use crate::pod::{ctx, Pod, PodSpec, SCRATCH_ID};
@@ -36,11 +32,11 @@ use crate::stdio::{Pumps, StdioPaths};
 use crate::task::{ExitInfo, Proc, Status, Task};
 
 /// CRI annotations that group a pod's containers into one shim (and VM).
-const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub(crate) const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// `sandbox` for the CRI's pod sandbox (pause) container.
 const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
-fn timestamp(unix_ns: i64) -> MessageField<Timestamp> {
+pub(crate) fn timestamp(unix_ns: i64) -> MessageField<Timestamp> {
     MessageField::some(Timestamp {
         seconds: unix_ns.div_euclid(1_000_000_000),
         nanos: unix_ns.rem_euclid(1_000_000_000) as i32,
@@ -48,7 +44,7 @@ fn timestamp(unix_ns: i64) -> MessageField<Timestamp> {
     })
 }
 
-fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -57,111 +53,28 @@ fn now_ns() -> i64 {
 
 /// The pod's state directory: a short name from a hash of namespace and id, because the
 /// vsock sockets inside must fit a Unix socket path (108 bytes) and CRI ids are 64 bytes.
-fn state_dir(cfg: &ShimConfig, namespace: &str, id: &str) -> PathBuf {
+pub(crate) fn state_dir(cfg: &ShimConfig, namespace: &str, id: &str) -> PathBuf {
     use sha2::{Digest, Sha256};
     let h = Sha256::digest(format!("{namespace}/{id}").as_bytes());
     let short: String = h.iter().take(8).map(|b| format!("{b:02x}")).collect();
     cfg.state_dir.join(short)
 }
 
-/// The shim binary's entry points (`start`, `delete`, serving).
-#[derive(Clone)]
-pub struct Service {
-    exit: Arc<ExitSignal>,
-    namespace: String,
-    id: String,
-}
-
-impl containerd_shim::Shim for Service {
-    type T = TaskService;
-
-    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
-        Service {
-            exit: Arc::new(ExitSignal::default()),
-            namespace: args.namespace.clone(),
-            id: args.id.clone(),
-        }
-    }
-
-    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        // Containers of one CRI pod share the shim of their sandbox.
-        let spec = fs::read_to_string("config.json").unwrap_or_default();
-        let grouping = serde_json::from_str::<serde_json::Value>(&spec)
-            .ok()
-            .and_then(|v| v["annotations"][SANDBOX_ID].as_str().map(str::to_owned))
-            .unwrap_or_else(|| opts.id.clone());
-        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
-        Ok(address)
-    }
-
-    /// Cleans up after a shim that died: kills its VM and removes its state.
-    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        let cfg = ShimConfig::load().unwrap_or_default();
-        let dir = state_dir(&cfg, &self.namespace, &self.id);
-        if let Ok(pid) = fs::read_to_string(dir.join("vm.pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                if comm.starts_with("qemu") {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        // The qemu machine's vhost-user sockets of the dead shim.
-        if let Ok(pid) = fs::read_to_string(dir.join("shim.pid")) {
-            let prefix = format!("kubevirt-vmm-{}-", pid.trim());
-            for e in fs::read_dir(std::env::temp_dir())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        let _ = fs::remove_dir_all(&dir);
-        Ok(DeleteResponse {
-            exit_status: 128 + 9,
-            exited_at: timestamp(now_ns()),
-            ..Default::default()
-        })
-    }
-
-    fn wait(&mut self) {
-        self.exit.wait();
-    }
-
-    fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        TaskService {
-            publisher: Arc::new(publisher),
-            namespace: self.namespace.clone(),
-            exit: self.exit.clone(),
-            config: ShimConfig::load(),
-            tasks: Mutex::default(),
-            pod: Mutex::default(),
-            create_lock: Mutex::default(),
-        }
-    }
-}
-
 /// The Task service containerd calls.
 pub struct TaskService {
-    publisher: Arc<RemotePublisher>,
-    namespace: String,
-    exit: Arc<ExitSignal>,
+    pub(crate) publisher: Arc<RemotePublisher>,
+    pub(crate) namespace: String,
+    pub(crate) exit: Arc<ExitSignal>,
     /// A bad config file fails each Create with its message rather than the shim's start.
     config: Result<ShimConfig>,
-    tasks: Mutex<HashMap<String, Arc<Task>>>,
+    pub(crate) tasks: Mutex<HashMap<String, Arc<Task>>>,
     /// The pod's VM, from the first Create to the owner's Delete.
     pod: Mutex<Option<Arc<Pod>>>,
     /// Creates run one at a time (slots, the first boot).
     create_lock: Mutex<()>,
 }
 
-fn publish(p: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
+pub(crate) fn publish(p: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
     if let Err(e) = p.publish(containerd_shim::Context::default(), topic, ns, event) {
         log::warn!("publish {topic}: {e}");
     }
@@ -185,13 +98,25 @@ fn vm_size(spec: &serde_json::Value, cfg: &ShimConfig) -> (u64, u8) {
 }
 
 impl TaskService {
+    pub fn new(publisher: RemotePublisher, namespace: String, exit: Arc<ExitSignal>) -> Self {
+        TaskService {
+            publisher: Arc::new(publisher),
+            namespace,
+            exit,
+            config: ShimConfig::load(),
+            tasks: Mutex::default(),
+            pod: Mutex::default(),
+            create_lock: Mutex::default(),
+        }
+    }
+
     fn config(&self) -> Result<&ShimConfig> {
         self.config
             .as_ref()
             .map_err(|e| ShimError::invalid("shim configuration", e.to_string()))
     }
 
-    fn task(&self, id: &str) -> Result<Arc<Task>> {
+    pub(crate) fn task(&self, id: &str) -> Result<Arc<Task>> {
         self.tasks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -200,7 +125,7 @@ impl TaskService {
             .ok_or_else(|| ShimError::NotFound(format!("container {id}")))
     }
 
-    fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Task>, Arc<Proc>)> {
+    pub(crate) fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Task>, Arc<Proc>)> {
         let t = self.task(id)?;
         let p = t
             .process(exec_id)
@@ -253,7 +178,7 @@ impl TaskService {
         }
     }
 
-    fn create_task(&self, req: &api::CreateTaskRequest) -> Result<(Arc<Task>, u32)> {
+    pub(crate) fn create_task(&self, req: &api::CreateTaskRequest) -> Result<(Arc<Task>, u32)> {
         let cfg = self.config()?;
         let _one_at_a_time = self.create_lock.lock().unwrap_or_else(|e| e.into_inner());
         if self
@@ -372,7 +297,7 @@ impl TaskService {
         });
     }
 
-    fn start_process(&self, t: &Arc<Task>, p: &Arc<Proc>) -> Result<u32> {
+    pub(crate) fn start_process(&self, t: &Arc<Task>, p: &Arc<Proc>) -> Result<u32> {
         let agent = &t.pod.agent;
         let guest_pid = if p.exec_id.is_empty() {
             agent
@@ -448,7 +373,7 @@ impl TaskService {
     }
 
     /// Pause (freeze the container's cgroup in the guest) or resume it.
-    fn freeze(&self, id: &str, pause: bool) -> Result<()> {
+    pub(crate) fn freeze(&self, id: &str, pause: bool) -> Result<()> {
         let t = self.task(id)?;
         let r = ContainerRequest {
             container_id: id.to_owned(),
@@ -480,7 +405,7 @@ impl TaskService {
         Ok(())
     }
 
-    fn delete_task(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
+    pub(crate) fn delete_task(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
         let (t, p) = self.process(id, exec_id)?;
         if !exec_id.is_empty() {
             if p.status() != Status::Stopped && p.status() != Status::Created {
@@ -540,307 +465,5 @@ impl TaskService {
             exited_at: timestamp(exit.at_unix_ns),
             ..Default::default()
         })
-    }
-}
-
-fn api_status(s: Status) -> ApiStatus {
-    match s {
-        Status::Created => ApiStatus::CREATED,
-        Status::Running => ApiStatus::RUNNING,
-        Status::Paused => ApiStatus::PAUSED,
-        Status::Stopped => ApiStatus::STOPPED,
-    }
-}
-
-impl containerd_shim::Task for TaskService {
-    fn create(
-        &self,
-        _: &TtrpcContext,
-        req: api::CreateTaskRequest,
-    ) -> TtrpcResult<api::CreateTaskResponse> {
-        log::info!("create container {} (bundle {})", req.id, req.bundle);
-        let (_task, pid) = self.create_task(&req)?;
-        let ev = TaskCreate {
-            container_id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            rootfs: req.rootfs.clone(),
-            io: MessageField::some(TaskIO {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-                ..Default::default()
-            }),
-            pid,
-            ..Default::default()
-        };
-        publish(
-            &self.publisher,
-            &self.namespace,
-            topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(ev),
-        );
-        Ok(api::CreateTaskResponse {
-            pid,
-            ..Default::default()
-        })
-    }
-
-    fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
-        let (t, p) = self.process(&req.id, &req.exec_id)?;
-        self.start_process(&t, &p)?;
-        let pid = p.pid();
-        if req.exec_id.is_empty() {
-            let ev = TaskStart {
-                container_id: req.id.clone(),
-                pid,
-                ..Default::default()
-            };
-            publish(
-                &self.publisher,
-                &self.namespace,
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(ev),
-            );
-        } else {
-            let ev = TaskExecStarted {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                pid,
-                ..Default::default()
-            };
-            publish(
-                &self.publisher,
-                &self.namespace,
-                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-                Box::new(ev),
-            );
-        }
-        Ok(api::StartResponse {
-            pid,
-            ..Default::default()
-        })
-    }
-
-    fn state(&self, _: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
-        let (t, p) = self.process(&req.id, &req.exec_id)?;
-        let exit = p.exit_info().unwrap_or_default();
-        Ok(api::StateResponse {
-            id: req.id.clone(),
-            bundle: t.bundle.clone(),
-            pid: p.pid(),
-            status: api_status(p.status()).into(),
-            stdin: p.io.stdin.clone(),
-            stdout: p.io.stdout.clone(),
-            stderr: p.io.stderr.clone(),
-            terminal: p.io.terminal,
-            exit_status: exit.status,
-            exited_at: timestamp(exit.at_unix_ns),
-            exec_id: req.exec_id.clone(),
-            ..Default::default()
-        })
-    }
-
-    fn delete(
-        &self,
-        _: &TtrpcContext,
-        req: api::DeleteRequest,
-    ) -> TtrpcResult<api::DeleteResponse> {
-        Ok(self.delete_task(&req.id, &req.exec_id)?)
-    }
-
-    fn pids(&self, _: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let t = self.task(&req.id)?;
-        let r = t
-            .pod
-            .agent
-            .list_processes(
-                ctx(),
-                &ContainerRequest {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                },
-            )
-            .map_err(ShimError::agent("list processes"))?;
-        let processes = r
-            .pids
-            .into_iter()
-            .map(|pid| containerd_shim::protos::types::task::ProcessInfo {
-                pid,
-                ..Default::default()
-            })
-            .collect();
-        Ok(api::PidsResponse {
-            processes,
-            ..Default::default()
-        })
-    }
-
-    fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.freeze(&req.id, true)?;
-        Ok(api::Empty::new())
-    }
-
-    fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        self.freeze(&req.id, false)?;
-        Ok(api::Empty::new())
-    }
-
-    fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let (t, p) = self.process(&req.id, &req.exec_id)?;
-        if p.status() == Status::Stopped {
-            return Ok(api::Empty::new());
-        }
-        let r = SignalRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            signal: req.signal,
-            all: req.all,
-            ..Default::default()
-        };
-        t.pod
-            .agent
-            .signal_process(ctx(), &r)
-            .map_err(ShimError::agent("signal"))?;
-        Ok(api::Empty::new())
-    }
-
-    fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        let t = self.task(&req.id)?;
-        let mut execs = t.execs.lock().unwrap_or_else(|e| e.into_inner());
-        if execs.contains_key(&req.exec_id) {
-            return Err(ShimError::Exists(format!("exec {} in {}", req.exec_id, req.id)).into());
-        }
-        let spec = req
-            .spec
-            .as_ref()
-            .map(|a: &Any| a.value.clone())
-            .unwrap_or_default();
-        let io = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        execs.insert(req.exec_id.clone(), Proc::new(&req.exec_id, io, spec));
-        drop(execs);
-        let ev = TaskExecAdded {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            ..Default::default()
-        };
-        publish(
-            &self.publisher,
-            &self.namespace,
-            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
-            Box::new(ev),
-        );
-        Ok(api::Empty::new())
-    }
-
-    fn resize_pty(&self, _: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
-        let t = self.task(&req.id)?;
-        let r = ResizeTtyRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            rows: req.height,
-            cols: req.width,
-            ..Default::default()
-        };
-        t.pod
-            .agent
-            .resize_tty(ctx(), &r)
-            .map_err(ShimError::agent("resize"))?;
-        Ok(api::Empty::new())
-    }
-
-    fn close_io(&self, _: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        let (t, p) = self.process(&req.id, &req.exec_id)?;
-        if req.stdin && !p.io.stdin.is_empty() {
-            let r = ProcessRequest {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                ..Default::default()
-            };
-            t.pod
-                .agent
-                .close_stdin(ctx(), &r)
-                .map_err(ShimError::agent("close stdin"))?;
-        }
-        Ok(api::Empty::new())
-    }
-
-    fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        let t = self.task(&req.id)?;
-        let resources = req
-            .resources
-            .as_ref()
-            .map(|a: &Any| a.value.clone())
-            .unwrap_or_default();
-        let r = UpdateContainerRequest {
-            container_id: req.id.clone(),
-            resources,
-            ..Default::default()
-        };
-        t.pod
-            .agent
-            .update_container(ctx(), &r)
-            .map_err(ShimError::agent("update"))?;
-        Ok(api::Empty::new())
-    }
-
-    fn wait(&self, _: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        let (_, p) = self.process(&req.id, &req.exec_id)?;
-        let exit = p.wait();
-        Ok(api::WaitResponse {
-            exit_status: exit.status,
-            exited_at: timestamp(exit.at_unix_ns),
-            ..Default::default()
-        })
-    }
-
-    fn stats(&self, _: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
-        let t = self.task(&req.id)?;
-        let r = ContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        let s = t
-            .pod
-            .agent
-            .stats_container(ctx(), &r)
-            .map_err(ShimError::agent("stats"))?;
-        Ok(api::StatsResponse {
-            stats: MessageField::some(
-                metrics::to_any(&s).map_err(|e| ShimError::invalid("stats", e))?,
-            ),
-            ..Default::default()
-        })
-    }
-
-    fn connect(
-        &self,
-        _: &TtrpcContext,
-        req: api::ConnectRequest,
-    ) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = self.task(&req.id).map(|t| t.pod.vm_pid).unwrap_or(0);
-        Ok(api::ConnectResponse {
-            shim_pid: std::process::id(),
-            task_pid,
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        })
-    }
-
-    fn shutdown(&self, _: &TtrpcContext, _: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        if self
-            .tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-        {
-            self.exit.signal();
-        }
-        Ok(api::Empty::new())
     }
 }

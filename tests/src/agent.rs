@@ -202,16 +202,7 @@ impl Drop for GuestVm {
             unsafe { libc::kill(-pid, libc::SIGKILL) };
             let _ = self.child.wait();
             // The qemu machine's vhost-user socket directory (removed on a clean exit).
-            let prefix = format!("kubevirt-vmm-{pid}-");
-            for e in std::fs::read_dir(std::env::temp_dir())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
+            vmm::qemu::remove_socket_dirs(pid as u32);
         }
     }
 }

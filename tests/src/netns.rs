@@ -64,6 +64,23 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// `GET /` over HTTP/1.0 from inside the namespace; the body, or `None` if nothing
+    /// answered (busybox wget segfaults on some hosts, so the tests speak HTTP themselves).
+    pub fn http_get(&self, addr: std::net::SocketAddr) -> Option<String> {
+        self.run(move || {
+            use std::io::{Read, Write};
+            use std::time::Duration;
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).ok()?;
+            resp.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+        })
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")

@@ -175,17 +175,7 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
         .unwrap_or_default();
     assert!(ip.starts_with("10.203.0."), "pod IP {ip:?}");
     let addr: std::net::SocketAddr = format!("{ip}:8080").parse().unwrap();
-    let page = until("the pod IP to serve", &c, || {
-        ns.run(move || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp).ok()?;
-            resp.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
-        })
-    });
+    let page = until("the pod IP to serve", &c, || ns.http_get(addr));
     assert_eq!(page, "hello from a configmap\n");
 
     // Container logs reach the CRI log file; status and stats are the guest's.

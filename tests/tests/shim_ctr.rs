@@ -218,15 +218,7 @@ fn a_killed_shim_is_cleaned_up_by_task_delete() {
     let _ = c.ctr(&["task", "delete", "victim"]);
     c.ctr_ok(&["container", "delete", "victim"]);
     assert_clean(&c);
-    let socket_dirs: Vec<_> = fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("kubevirt-vmm-{pid}-"))
-        })
-        .collect();
+    let socket_dirs = vmm::qemu::socket_dirs(pid.parse().unwrap());
     assert!(
         socket_dirs.is_empty(),
         "vhost-user socket dirs of the dead shim: {socket_dirs:?}"

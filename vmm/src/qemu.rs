@@ -55,12 +55,37 @@ pub struct QemuVm {
     console: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Directory prefix of the vhost-user sockets of process `pid`'s QEMU machines.
+fn socket_dir_prefix(pid: u32) -> String {
+    format!("kubevirt-vmm-{pid}-")
+}
+
+/// The vhost-user socket directories of process `pid` (each QEMU machine removes its own
+/// when it ends; a process killed first leaves them).
+pub fn socket_dirs(pid: u32) -> Vec<PathBuf> {
+    let prefix = socket_dir_prefix(pid);
+    std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Removes what [`socket_dirs`] finds: cleanup after a killed embedder.
+pub fn remove_socket_dirs(pid: u32) {
+    for d in socket_dirs(pid) {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 fn socket_dir() -> Result<PathBuf, QemuError> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "kubevirt-vmm-{}-{}",
-        std::process::id(),
+        "{}{}",
+        socket_dir_prefix(std::process::id()),
         N.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).map_err(|source| QemuError::SocketDir {

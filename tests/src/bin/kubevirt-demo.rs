@@ -3,7 +3,6 @@
 //! network namespace of its own, imports a busybox image built here, runs a pod whose
 //! container serves HTTP and prints its kernel, and shows what happened. Cleans up after.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use tests::containerd::{tail, Containerd};
@@ -103,16 +102,8 @@ fn main() {
     let addr: std::net::SocketAddr = format!("{ip}:8080").parse().expect("pod IP");
     let deadline = Instant::now() + Duration::from_secs(30);
     let page = loop {
-        let got = ns.run(move || {
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp).ok()?;
-            resp.split_once("\r\n\r\n")
-                .map(|(_, b)| b.trim().to_owned())
-        });
-        if let Some(p) = got {
-            break p;
+        if let Some(p) = ns.http_get(addr) {
+            break p.trim().to_owned();
         }
         assert!(Instant::now() < deadline, "the pod IP {ip} did not answer");
         std::thread::sleep(Duration::from_millis(200));

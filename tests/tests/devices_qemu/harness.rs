@@ -358,14 +358,7 @@ impl Vm {
         unsafe { libc::kill(-pid, libc::SIGKILL) };
         let _ = self.child.wait();
         // The VMM's vhost-user socket directories (it removes them when it exits cleanly).
-        if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
-            let prefix = format!("kubevirt-vmm-{pid}-");
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = fs::remove_dir_all(e.path());
-                }
-            }
-        }
+        vmm::qemu::remove_socket_dirs(pid as u32);
     }
 }
 
