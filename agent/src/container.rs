@@ -303,10 +303,19 @@ impl Containers {
             .map_err(AgentError::sys(format!("signal {sig} to {id}/{exec_id}")))
     }
 
-    /// Blocks until the process ends.
+    /// Blocks until the process ends. When a container's init ends, whatever it left in the
+    /// container's cgroup is killed, as containerd's runc shim does for containers in the
+    /// pod's shared PID namespace (with a namespace of its own the kernel already did).
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
         let p = self.process(id, exec_id)?;
-        Ok(self.exits.wait(p.pid))
+        let exit = self.exits.wait(p.pid);
+        if exec_id.is_empty() {
+            let left = self.get(id).and_then(|c| c.pids()).unwrap_or_default();
+            for pid in left {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        Ok(exit)
     }
 
     pub fn pause(&self, id: &str) -> Result<()> {

@@ -35,6 +35,10 @@ pub struct ShimConfig {
     pub default_vcpus: u8,
     /// Guest memory (MiB) of a pod VM without memory limits.
     pub default_memory_mib: u64,
+    /// What the VM costs the host beyond guest memory (MiB): the VMM, its devices and page
+    /// tables. A pod with a memory limit gets a guest of its cgroup's limit minus this; set
+    /// the RuntimeClass's `overhead.podFixed.memory` to the same amount.
+    pub vm_overhead_mib: u64,
     /// Per-pod state: sockets, scratch disks, the console log.
     pub state_dir: PathBuf,
     /// EROFS images of container image layer chains, shared by all pods.
@@ -61,6 +65,7 @@ impl Default for ShimConfig {
             machine: MachineKind::Auto,
             default_vcpus: 1,
             default_memory_mib: 256,
+            vm_overhead_mib: 160,
             state_dir: "/run/kubevirt-shim".into(),
             image_cache: "/var/lib/kubevirt-shim/images".into(),
             scratch_mib: 1024,

@@ -61,6 +61,10 @@ impl containerd_shim::Shim for Service {
                 vmm::qemu::remove_socket_dirs(pid);
             }
         }
+        // Its cgroup, once the killed VM has left it.
+        if let Ok(path) = fs::read_to_string(dir.join("cgroup")) {
+            crate::cgroup::remove_path(path.trim());
+        }
         let _ = fs::remove_dir_all(&dir);
         Ok(DeleteResponse {
             exit_status: 128 + 9,

@@ -1,6 +1,7 @@
 //! The pod VM: boots it with the container's disks and the vsock, connects to the agent, and
 //! shuts it down cleanly (or kills it).
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use protocol::agent_ttrpc::AgentClient;
 use protocol::ttrpc::context;
 use vmm::{SerialOutput, VmConfig};
 
+use crate::cgroup::{self, PodCgroup};
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
 use crate::machine::{self, Machine};
@@ -35,6 +37,8 @@ pub struct PodSpec {
     pub hostname: String,
     /// The CNI network of the pod, when it has one.
     pub network: Option<PodNetwork>,
+    /// The host cgroup the VM runs in (this process has joined it already).
+    pub cgroup: Option<PodCgroup>,
 }
 
 /// Serial of the pod's shared scratch disk (every container's writable layer).
@@ -59,6 +63,9 @@ pub struct Pod {
     pub owner: String,
     machine: Mutex<Option<Machine>>,
     slots: Mutex<Vec<Slot>>,
+    cgroup: Mutex<Option<PodCgroup>>,
+    /// The CPU sets of the pod's containers; the VM runs on their union.
+    cpus: Mutex<HashMap<String, BTreeSet<u32>>>,
 }
 
 pub fn ctx() -> context::Context {
@@ -194,6 +201,8 @@ impl Pod {
             owner: p.id,
             machine: Mutex::new(Some(m)),
             slots: Mutex::new(slots),
+            cgroup: Mutex::new(p.cgroup),
+            cpus: Mutex::default(),
         };
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -301,7 +310,37 @@ impl Pod {
         }
     }
 
-    /// Asks the agent to power off, then makes sure the VM is gone.
+    /// Records container `id`'s CPU set (`None`: it has none, or it is gone) and confines
+    /// the VM's threads to the union of the containers' sets.
+    pub fn set_container_cpus(&self, id: &str, cpus: Option<&str>) -> Result<()> {
+        let mut all = self.cpus.lock().unwrap_or_else(|e| e.into_inner());
+        let before = all.clone();
+        match cpus {
+            Some(list) => {
+                all.insert(id.to_owned(), cgroup::parse_cpus(list)?);
+            }
+            None => {
+                all.remove(id);
+            }
+        }
+        if *all == before {
+            return Ok(());
+        }
+        let cg = self.cgroup.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(cg) = cg.as_ref() else {
+            return Ok(());
+        };
+        let union: BTreeSet<u32> = all.values().flatten().copied().collect();
+        let list = if union.is_empty() {
+            cg.parent_cpus()
+        } else {
+            cgroup::format_cpus(&union)
+        };
+        log::info!("pod {}: VM runs on CPUs {list}", self.owner);
+        cg.set_cpus(&list)
+    }
+
+    /// Asks the agent to power off, then makes sure the VM is gone and leaves its cgroup.
     pub fn shutdown(&self) {
         let Some(mut m) = self
             .machine
@@ -322,6 +361,7 @@ impl Pod {
             );
         }
         m.stop();
+        drop(self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 }
 

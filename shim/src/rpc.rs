@@ -254,6 +254,13 @@ impl containerd_shim::Task for TaskService {
             .as_ref()
             .map(|a: &Any| a.value.clone())
             .unwrap_or_default();
+        // The host side: a new CPU set moves the VM (the other limits bound the container
+        // inside the guest; the pod's cgroup is kubelet's to resize).
+        let parsed: serde_json::Value = serde_json::from_slice(&resources)
+            .map_err(|e| ShimError::invalid("resources of the update", e.to_string()))?;
+        if let Some(cpus) = parsed["cpu"]["cpus"].as_str().filter(|c| !c.is_empty()) {
+            t.pod.set_container_cpus(&req.id, Some(cpus))?;
+        }
         let r = UpdateContainerRequest {
             container_id: req.id.clone(),
             resources,

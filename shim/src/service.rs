@@ -22,6 +22,7 @@ use protocol::agent::{
     ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest, Rootfs,
 };
 
+use crate::cgroup::{self, Limits, PodCgroup};
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
 use crate::mounts;
@@ -80,21 +81,69 @@ pub(crate) fn publish(p: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn
     }
 }
 
-/// VM size from the container's limits: its memory limit plus the guest's own needs, and
-/// as many vCPUs as its CPU quota allows; the configured defaults without limits.
-fn vm_size(spec: &serde_json::Value, cfg: &ShimConfig) -> (u64, u8) {
+/// CPUs the host has online (the VM's vCPUs never outnumber them).
+fn host_cpus() -> usize {
+    fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|l| cgroup::parse_cpus(l.trim()).ok())
+        .map_or(1, |s| s.len().max(1))
+}
+
+/// VM size. Under a memory limit (the pod's cgroup: its containers' limits plus the
+/// RuntimeClass overhead) the guest gets the limit minus the VM's own overhead; a lone
+/// container gets its limit plus room for the guest. vCPUs: the default, plus as many as
+/// the CPU limit needs (the limit itself is enforced on the host by the cgroup).
+fn vm_size(spec: &serde_json::Value, cfg: &ShimConfig, limits: Limits) -> Result<(u64, u8)> {
     let res = &spec["linux"]["resources"];
-    let memory = res["memory"]["limit"]
-        .as_i64()
-        .filter(|l| *l > 0)
-        .map(|l| (l as u64 >> 20) + 128)
-        .unwrap_or(cfg.default_memory_mib)
-        .max(cfg.default_memory_mib);
-    let vcpus = match (res["cpu"]["quota"].as_i64(), res["cpu"]["period"].as_u64()) {
-        (Some(q), Some(p)) if q > 0 && p > 0 => (q as u64).div_ceil(p).clamp(1, 64) as u8,
-        _ => cfg.default_vcpus,
+    let memory = match limits.memory_bytes {
+        Some(bytes) => {
+            let mib = bytes >> 20;
+            mib.checked_sub(cfg.vm_overhead_mib)
+                .filter(|guest| *guest >= 64)
+                .ok_or_else(|| {
+                    ShimError::invalid(
+                        "pod memory limit",
+                        format!(
+                            "{mib} MiB leaves less than 64 MiB for the guest once the VM's \
+                             overhead of {} MiB is taken (vm_overhead_mib in {}; the \
+                             RuntimeClass's overhead.podFixed.memory adds it to the pod)",
+                            cfg.vm_overhead_mib,
+                            crate::config::DEFAULT_PATH
+                        ),
+                    )
+                })?
+        }
+        None => res["memory"]["limit"]
+            .as_i64()
+            .filter(|l| *l > 0)
+            .map(|l| (l as u64 >> 20) + 128)
+            .unwrap_or(cfg.default_memory_mib)
+            .max(cfg.default_memory_mib),
     };
-    (memory, vcpus)
+    let vcpus = match limits.cpus {
+        Some(cpus) => cfg.default_vcpus as usize + cpus.ceil() as usize,
+        None => cfg.default_vcpus as usize,
+    };
+    Ok((memory, vcpus.clamp(1, host_cpus().min(255)) as u8))
+}
+
+/// Moves the shim into the pod's host cgroup before the VM starts (see `cgroup`). A lone
+/// container's CPU quota is applied there as runc would; a CRI sandbox's cgroup sits under
+/// the pod cgroup kubelet made, which carries the pod's limits.
+fn join_cgroup(
+    path: &str,
+    spec: &serde_json::Value,
+    sandbox: bool,
+    dir: &Path,
+) -> Result<PodCgroup> {
+    let cg = PodCgroup::join(path)?;
+    // For `delete` after a crash of this shim.
+    fs::write(dir.join("cgroup"), &cg.path).map_err(ShimError::io("write the cgroup path"))?;
+    let cpu = &spec["linux"]["resources"]["cpu"];
+    if !sandbox && (cpu["quota"].is_i64() || cpu["period"].is_u64()) {
+        cg.set_cpu(cpu["quota"].as_i64(), cpu["period"].as_u64())?;
+    }
+    Ok(cg)
 }
 
 impl TaskService {
@@ -152,18 +201,26 @@ impl TaskService {
         let dir = state_dir(cfg, &self.namespace, &req.id);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(ShimError::io(format!("create {}", dir.display())))?;
-        let (memory_mib, vcpus) = vm_size(spec, cfg);
-        let booted = Pod::boot(
-            cfg,
-            PodSpec {
-                id: req.id.clone(),
-                dir: dir.clone(),
-                memory_mib,
-                vcpus,
-                hostname: spec["hostname"].as_str().unwrap_or_default().to_owned(),
-                network,
-            },
-        );
+        let booted = (|| {
+            let cgroup = match spec["linux"]["cgroupsPath"].as_str() {
+                Some(path) if !path.is_empty() => Some(join_cgroup(path, spec, sandbox, &dir)?),
+                _ => None,
+            };
+            let limits = cgroup.as_ref().map(PodCgroup::limits).unwrap_or_default();
+            let (memory_mib, vcpus) = vm_size(spec, cfg, limits)?;
+            Pod::boot(
+                cfg,
+                PodSpec {
+                    id: req.id.clone(),
+                    dir: dir.clone(),
+                    memory_mib,
+                    vcpus,
+                    hostname: spec["hostname"].as_str().unwrap_or_default().to_owned(),
+                    network,
+                    cgroup,
+                },
+            )
+        })();
         match booted {
             Ok(p) => {
                 let p = Arc::new(p);
@@ -197,8 +254,13 @@ impl TaskService {
         let layers = rootfs::Layers::from_mounts(&req.rootfs, bundle)?;
         let needs = mounts::rewrite(&mut spec, &req.id)?;
         let (pod, booted) = self.pod_for(req, &spec)?;
+        let cpus = spec["linux"]["resources"]["cpu"]["cpus"]
+            .as_str()
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned);
         let alive = Arc::new(AtomicBool::new(true));
         let created = (|| {
+            pod.set_container_cpus(&req.id, cpus.as_deref())?;
             let own = pod.dir.join(&req.id);
             fs::create_dir_all(&own).map_err(ShimError::io(format!("create {}", own.display())))?;
             let (image, cached) = rootfs::image(&layers, &cfg.image_cache, &own)?;
@@ -241,6 +303,7 @@ impl TaskService {
             Ok(s) => s,
             Err(e) => {
                 alive.store(false, Ordering::Relaxed);
+                let _ = pod.set_container_cpus(&req.id, None);
                 let _ = fs::remove_dir_all(pod.dir.join(&req.id));
                 if booted {
                     self.end_pod();
@@ -434,6 +497,11 @@ impl TaskService {
             }
             t.alive.store(false, Ordering::Relaxed);
             t.pod.detach_image(&t.slot);
+            if t.pod.owner != id {
+                if let Err(e) = t.pod.set_container_cpus(id, None) {
+                    log::warn!("container {id}: give back its CPUs: {e}");
+                }
+            }
             let _ = fs::remove_dir_all(t.pod.dir.join(id));
             self.tasks
                 .lock()

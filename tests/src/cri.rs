@@ -163,6 +163,17 @@ impl Cri {
         })
     }
 
+    pub fn update_resources(&mut self, id: &str, r: LinuxContainerResources) -> Result<()> {
+        let req = UpdateContainerResourcesRequest {
+            container_id: id.into(),
+            linux: Some(r),
+            ..Default::default()
+        };
+        let c = &mut self.client;
+        self.rt
+            .block_on(async { c.update_container_resources(req).await.map(drop) })
+    }
+
     pub fn stop_pod(&mut self, id: &str) -> Result<()> {
         let req = StopPodSandboxRequest {
             pod_sandbox_id: id.into(),

@@ -10,6 +10,7 @@ use vmm::{SerialOutput, VmConfig, VmExit};
 
 pub mod agent;
 pub mod blkbench;
+pub mod cgroups;
 pub mod containerd;
 pub mod cri;
 pub mod images;

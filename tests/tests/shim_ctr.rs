@@ -206,6 +206,11 @@ fn a_killed_shim_is_cleaned_up_by_task_delete() {
         .unwrap();
     let pid = String::from_utf8_lossy(&shim.stdout).trim().to_owned();
     assert!(!pid.is_empty(), "no shim process for victim");
+    // The shim and its VM live in the container's cgroup (ctr's `/default/victim`).
+    assert!(
+        tests::cgroups::threads_outside(pid.parse().unwrap(), "default/victim").is_empty(),
+        "the shim is not in its container's cgroup"
+    );
     assert!(Command::new("kill")
         .args(["-9", &pid])
         .status()
@@ -218,6 +223,10 @@ fn a_killed_shim_is_cleaned_up_by_task_delete() {
     let _ = c.ctr(&["task", "delete", "victim"]);
     c.ctr_ok(&["container", "delete", "victim"]);
     assert_clean(&c);
+    assert!(
+        !tests::cgroups::exists("default/victim"),
+        "the dead shim's cgroup is left"
+    );
     let socket_dirs = vmm::qemu::socket_dirs(pid.parse().unwrap());
     assert!(
         socket_dirs.is_empty(),
