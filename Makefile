@@ -7,7 +7,7 @@ export KUBEVIRT_CACHE ?= /var/cache/kubevirt-shim
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all deps build guest test lint bench demo clean
+.PHONY: all deps build guest payload test lint bench demo clean
 
 all: build
 
@@ -33,6 +33,13 @@ guest: deps
 	@./guest-kernel/initramfs.sh $(BIN_DIR)/kubevirt-agent $(GUEST_DIR)
 	@echo "guest: kernel $(GUEST_DIR)/vmlinux -> $$(readlink -f $(GUEST_DIR)/vmlinux)"
 	@echo "guest: initramfs $(GUEST_DIR)/initramfs.img"
+
+# What deploy/install.sh installs on a node (and the installer image carries).
+payload: guest build
+	@rm -rf target/payload && mkdir -p target/payload/bin target/payload/share
+	@cp -L $(BIN_DIR)/containerd-shim-kubevirt-v1 $(BIN_DIR)/kubevirt-vmm target/payload/bin/
+	@cp -L $(GUEST_DIR)/vmlinux $(GUEST_DIR)/initramfs.img target/payload/share/
+	@echo "payload: target/payload"
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -11,7 +11,10 @@ pkgs=(
   libseccomp-dev                               # the agent applies container seccomp profiles
   containerd containernetworking-plugins       # end-to-end tests and `make demo`: a private containerd, CNI
   protobuf-compiler                            # the CRI client of the tests (k8s-cri builds its protos)
+  python3-venv                                 # the manifests' schema check (kubernetes-validate)
 )
+# kubectl for the manifests' `apply --dry-run=client` test: Debian's, unless one is there.
+command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
@@ -24,5 +27,14 @@ if ((${#missing[@]})); then
   echo "deps: installing ${missing[*]}"
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The Kubernetes schema checker (PyPI), in a venv kept in the cache.
+venv=${KUBEVIRT_CACHE:-/var/cache/kubevirt-shim}/venv-kubernetes-validate-1.37.0
+if [ ! -f "$venv/.complete" ]; then
+  echo "deps: installing kubernetes-validate 1.37.0 in $venv"
+  rm -rf "$venv"  # a venv cannot be moved into place: build it where it stays
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q kubernetes-validate==1.37.0
+  touch "$venv/.complete"
 fi
 command -v cargo >/dev/null || { echo "deps: cargo not found on PATH" >&2; exit 1; }

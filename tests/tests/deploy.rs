@@ -1,0 +1,353 @@
+//! The node installer (`deploy/install.sh`) against directories laid out like nodes with
+//! containerd 1.6 (config version 2), containerd 2.x (version 3) and no config at all: the
+//! files it writes, a second run changing nothing, the real containerd accepting the result,
+//! upgrades keeping versions in use, and the uninstaller restoring the node byte for byte.
+//!
+//! Needs root, containerd, `make build` and `make guest`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const INSTALLER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/install.sh");
+const OPT: &str = "opt/kubevirt-shim";
+
+/// A containerd 1.6 node's config: CRI settings of its own the drop-in must keep.
+const CONFIG_V2: &str = r#"version = 2
+root = "/var/lib/containerd"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "example.com/pause:9"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      SystemdCgroup = true
+"#;
+
+/// A containerd 2.x node's config, with an `imports` line of its own.
+const CONFIG_V3: &str = r#"version = 3
+imports = ["/etc/containerd/other.toml"]
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+"#;
+
+struct Node {
+    root: PathBuf,
+    payload: PathBuf,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// What `make payload` lays out: the shim, kubevirt-vmm, the guest kernel and initramfs.
+fn payload(dir: &Path) -> PathBuf {
+    let p = dir.join("payload");
+    let bin = repo().join("target/x86_64-unknown-linux-gnu/release");
+    let guest = repo().join("target/guest");
+    for (from, to) in [
+        (bin.join("containerd-shim-kubevirt-v1"), "bin"),
+        (bin.join("kubevirt-vmm"), "bin"),
+        (guest.join("vmlinux"), "share"),
+        (guest.join("initramfs.img"), "share"),
+    ] {
+        assert!(
+            from.exists(),
+            "{} is missing: make build guest",
+            from.display()
+        );
+        fs::create_dir_all(p.join(to)).unwrap();
+        fs::copy(&from, p.join(to).join(from.file_name().unwrap())).unwrap();
+    }
+    p
+}
+
+impl Node {
+    fn new(name: &str, config: Option<&str>) -> Node {
+        let root = std::env::temp_dir().join(format!("kvnode-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for d in ["etc", "opt", "usr/local/bin"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        if let Some(c) = config {
+            fs::create_dir_all(root.join("etc/containerd")).unwrap();
+            fs::write(root.join("etc/containerd/config.toml"), c).unwrap();
+        }
+        let payload = payload(&root.with_extension("payload"));
+        Node { root, payload }
+    }
+
+    fn run(&self, extra: &[&str]) -> Output {
+        let out = Command::new("bash")
+            .arg(INSTALLER)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--payload")
+            .arg(&self.payload)
+            .arg("--no-restart")
+            .args(extra)
+            .env_remove("NODE_NAME")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "install.sh {extra:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.root.join(p)
+    }
+
+    fn read(&self, p: &str) -> String {
+        fs::read_to_string(self.path(p)).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    /// Every file, link and directory under the root with its content, target and mode.
+    fn snapshot(&self) -> BTreeMap<PathBuf, String> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+            for e in fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                let meta = fs::symlink_metadata(&p).unwrap();
+                let rel = p.strip_prefix(root).unwrap().to_owned();
+                let mode = meta.permissions().mode();
+                if meta.file_type().is_symlink() {
+                    out.insert(rel, format!("-> {}", fs::read_link(&p).unwrap().display()));
+                } else if meta.is_dir() {
+                    out.insert(rel, format!("dir {mode:o}"));
+                    walk(root, &p, out);
+                } else {
+                    let digest = sha2::Sha256::digest(fs::read(&p).unwrap());
+                    out.insert(rel, format!("file {mode:o} {digest:x}"));
+                }
+            }
+        }
+        use sha2::Digest;
+        let mut out = BTreeMap::new();
+        walk(&self.root, &self.root, &mut out);
+        out
+    }
+
+    /// The versions installed under /opt/kubevirt-shim/versions.
+    fn versions(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.path(&format!("{OPT}/versions")))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.root);
+        let _ = fs::remove_dir_all(self.root.with_extension("payload"));
+    }
+}
+
+/// `containerd config dump` of the node's config, as the real containerd reads it.
+fn containerd_dump(node: &Node) -> String {
+    let out = Command::new("containerd")
+        .arg("--config")
+        .arg(node.path("etc/containerd/config.toml"))
+        .args(["config", "dump"])
+        .output()
+        .expect("containerd");
+    assert!(
+        out.status.success(),
+        "containerd refuses the config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Installs twice (the second run changes nothing), checks the common files, uninstalls
+/// and checks the node is as it was. `check` sees the installed node.
+fn install_check_uninstall(node: &Node, check: impl Fn(&Node)) {
+    let before = node.snapshot();
+    node.run(&[]);
+    let installed = node.snapshot();
+    node.run(&[]);
+    assert_eq!(installed, node.snapshot(), "a second run changed the node");
+
+    let versions = node.versions();
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    assert_eq!(
+        fs::read_link(node.path(&format!("{OPT}/current"))).unwrap(),
+        Path::new("versions").join(&versions[0])
+    );
+    for b in ["containerd-shim-kubevirt-v1", "kubevirt-vmm"] {
+        let link = fs::read_link(node.path(&format!("usr/local/bin/{b}"))).unwrap();
+        assert_eq!(link, Path::new("/opt/kubevirt-shim/current/bin").join(b));
+        let exe = node.path(&format!("{OPT}/versions/{}/bin/{b}", versions[0]));
+        assert_eq!(
+            fs::metadata(&exe).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+    }
+    let shim_cfg = node.read("etc/kubevirt-shim/config.toml");
+    assert!(
+        shim_cfg.contains("kernel = \"/opt/kubevirt-shim/current/share/vmlinux\""),
+        "{shim_cfg}"
+    );
+    check(node);
+
+    node.run(&["--uninstall"]);
+    let after = node.snapshot();
+    assert_eq!(before, after, "the uninstaller did not restore the node");
+}
+
+#[test]
+fn containerd_1_6_node_keeps_its_cri_settings_and_gets_the_kubevirt_runtime() {
+    let node = Node::new("v2", Some(CONFIG_V2));
+    install_check_uninstall(&node, |n| {
+        let cfg = n.read("etc/containerd/config.toml");
+        assert!(
+            cfg.starts_with("version = 2\nimports = [\"conf.d/kubevirt.toml\"]\n"),
+            "{cfg}"
+        );
+        assert_eq!(
+            n.read("etc/containerd/config.toml.kubevirt-backup"),
+            CONFIG_V2
+        );
+        let dump = containerd_dump(n);
+        for want in [
+            "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kubevirt]",
+            "runtime_type = \"io.containerd.kubevirt.v1\"",
+            "pod_annotations = [\"kubevirt.io/*\"]",
+            // What the node had before stays: runc as the default, its options, the
+            // sandbox image.
+            "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]",
+            "SystemdCgroup = true",
+            "sandbox_image = \"example.com/pause:9\"",
+            "default_runtime_name = \"runc\"",
+        ] {
+            assert!(dump.contains(want), "containerd config dump lacks {want}");
+        }
+    });
+}
+
+#[test]
+fn containerd_2_node_gets_a_version_3_drop_in() {
+    let node = Node::new("v3", Some(CONFIG_V3));
+    install_check_uninstall(&node, |n| {
+        let cfg: toml::Table = toml::from_str(&n.read("etc/containerd/config.toml")).unwrap();
+        let imports: Vec<&str> = cfg["imports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(
+            imports,
+            ["conf.d/kubevirt.toml", "/etc/containerd/other.toml"]
+        );
+        let dropin: toml::Table =
+            toml::from_str(&n.read("etc/containerd/conf.d/kubevirt.toml")).unwrap();
+        assert_eq!(dropin["version"].as_integer(), Some(3));
+        let rt = &dropin["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]
+            ["kubevirt"];
+        assert_eq!(
+            rt["runtime_type"].as_str(),
+            Some("io.containerd.kubevirt.v1")
+        );
+    });
+}
+
+#[test]
+fn a_node_without_a_containerd_config_gets_one_and_loses_it_again() {
+    let node = Node::new("none", None);
+    install_check_uninstall(&node, |n| {
+        assert_eq!(
+            n.read("etc/containerd/config.toml"),
+            "version = 2\nimports = [\"conf.d/kubevirt.toml\"]\n"
+        );
+        assert!(containerd_dump(n).contains("io.containerd.kubevirt.v1"));
+    });
+}
+
+#[test]
+fn an_upgrade_keeps_the_version_running_pods_use_and_removes_unused_ones() {
+    let node = Node::new("upgrade", Some(CONFIG_V2));
+    node.run(&[]);
+    let v1 = node.versions();
+    // A process started from version 1 (as a running pod's shim is) keeps it.
+    let sleeper = node.path(&format!("{OPT}/versions/{}/bin/sleep", v1[0]));
+    fs::copy("/bin/sleep", &sleeper).unwrap();
+    let mut running = Command::new(&sleeper).arg("60").spawn().unwrap();
+    // Version 2: another initramfs.
+    let initramfs = node.payload.join("share/initramfs.img");
+    let mut bytes = fs::read(&initramfs).unwrap();
+    bytes.extend_from_slice(&[0; 512]);
+    fs::write(&initramfs, bytes).unwrap();
+    let out = node.run(&[]);
+    let versions = node.versions();
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    let v2 = versions.iter().find(|v| **v != v1[0]).unwrap().clone();
+    assert_eq!(
+        fs::read_link(node.path(&format!("{OPT}/current"))).unwrap(),
+        Path::new("versions").join(&v2),
+        "new pods get the new version"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("still in use"));
+    // Once nothing runs from version 1, the next run removes it.
+    running.kill().unwrap();
+    running.wait().unwrap();
+    node.run(&[]);
+    assert_eq!(node.versions(), [v2]);
+    node.run(&["--uninstall"]);
+    assert!(!node.path(OPT).exists());
+    assert_eq!(node.read("etc/containerd/config.toml"), CONFIG_V2);
+}
+
+#[test]
+fn bad_input_is_named() {
+    let node = Node::new("bad", Some("[plugins]\n"));
+    let out = Command::new("bash")
+        .arg(INSTALLER)
+        .arg("--root")
+        .arg(&node.root)
+        .arg("--payload")
+        .arg(&node.payload)
+        .arg("--no-restart")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("version = 2"),
+        "{err}"
+    );
+    let out = Command::new("bash")
+        .arg(INSTALLER)
+        .args([
+            "--root",
+            "/nonexistent",
+            "--payload",
+            "/nonexistent/payload",
+            "--no-restart",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/payload"),
+        "{err}"
+    );
+    let out = Command::new("bash")
+        .arg(INSTALLER)
+        .arg("--frobnicate")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--frobnicate"));
+}
