@@ -36,6 +36,15 @@ imports = ["/etc/containerd/other.toml"]
   snapshotter = "overlayfs"
 "#;
 
+fn installer(args: &[&str]) -> Output {
+    Command::new("bash")
+        .arg(INSTALLER)
+        .args(args)
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap()
+}
+
 struct Node {
     root: PathBuf,
     payload: PathBuf,
@@ -82,18 +91,16 @@ impl Node {
         Node { root, payload }
     }
 
+    /// install.sh for this node with `extra` arguments; its output.
+    fn try_run(&self, extra: &[&str]) -> Output {
+        let (root, payload) = (self.root.to_str().unwrap(), self.payload.to_str().unwrap());
+        let mut args = vec!["--root", root, "--payload", payload, "--no-restart"];
+        args.extend_from_slice(extra);
+        installer(&args)
+    }
+
     fn run(&self, extra: &[&str]) -> Output {
-        let out = Command::new("bash")
-            .arg(INSTALLER)
-            .arg("--root")
-            .arg(&self.root)
-            .arg("--payload")
-            .arg(&self.payload)
-            .arg("--no-restart")
-            .args(extra)
-            .env_remove("NODE_NAME")
-            .output()
-            .unwrap();
+        let out = self.try_run(extra);
         assert!(
             out.status.success(),
             "install.sh {extra:?}: {}\n{}",
@@ -314,40 +321,23 @@ fn an_upgrade_keeps_the_version_running_pods_use_and_removes_unused_ones() {
 #[test]
 fn bad_input_is_named() {
     let node = Node::new("bad", Some("[plugins]\n"));
-    let out = Command::new("bash")
-        .arg(INSTALLER)
-        .arg("--root")
-        .arg(&node.root)
-        .arg("--payload")
-        .arg(&node.payload)
-        .arg("--no-restart")
-        .output()
-        .unwrap();
+    let out = node.try_run(&[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("version = 2"),
         "{err}"
     );
-    let out = Command::new("bash")
-        .arg(INSTALLER)
-        .args([
-            "--root",
-            "/nonexistent",
-            "--payload",
-            "/nonexistent/payload",
-            "--no-restart",
-        ])
-        .output()
-        .unwrap();
+    let out = installer(&[
+        "--root",
+        "/nonexistent",
+        "--payload",
+        "/nonexistent/payload",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("/nonexistent/payload"),
         "{err}"
     );
-    let out = Command::new("bash")
-        .arg(INSTALLER)
-        .arg("--frobnicate")
-        .output()
-        .unwrap();
+    let out = installer(&["--frobnicate"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--frobnicate"));
 }
