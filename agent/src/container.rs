@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use libcontainer::container::builder::ContainerBuilder;
@@ -68,18 +69,17 @@ fn signal(n: u32) -> Result<Signal> {
 }
 
 /// Writes a process's spec for libcontainer and builds it with the right stdio.
-fn builder_for(
-    id: &str,
-    dir: &Path,
-    name: &str,
-    terminal: bool,
-    stdin: bool,
-) -> Result<(ContainerBuilder, StdioPending)> {
+fn builder_for(id: &str, terminal: bool, stdin: bool) -> Result<(ContainerBuilder, StdioPending)> {
     let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
         .with_root_path(runtime_root())
         .map_err(AgentError::runtime("runtime root"))?;
     if terminal {
-        let path = dir.join(format!("{name}.console"));
+        // A socket path must fit in 108 bytes; CRI container and exec ids are 64 characters
+        // each, so console sockets get short names of their own.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let ttys = Path::new(RUN_DIR).join("tty");
+        fs::create_dir_all(&ttys).map_err(AgentError::io(format!("create {}", ttys.display())))?;
+        let path = ttys.join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
         let socket = ConsoleSocket::bind(&path)?;
         b = b.with_console_socket(Some(&path));
         Ok((b, StdioPending::Terminal(socket, path)))
@@ -214,7 +214,7 @@ impl Containers {
             .unwrap_or(false);
         spec.save(dir.join("config.json"))
             .map_err(|e| AgentError::invalid("OCI spec", e.to_string()))?;
-        let (builder, stdio) = builder_for(o.id, dir, "init", terminal, o.stdin)?;
+        let (builder, stdio) = builder_for(o.id, terminal, o.stdin)?;
         let runtime = builder
             .as_init(dir)
             .with_systemd(false)
@@ -266,8 +266,7 @@ impl Containers {
         let json = serde_json::to_vec(&process)
             .map_err(|e| AgentError::invalid("OCI process", e.to_string()))?;
         fs::write(&path, json).map_err(AgentError::io(format!("write {}", path.display())))?;
-        let (builder, stdio) =
-            builder_for(id, &c.dir, &format!("exec-{exec_id}"), terminal, stdin)?;
+        let (builder, stdio) = builder_for(id, terminal, stdin)?;
         let built = builder
             .as_tenant()
             .with_detach(true)

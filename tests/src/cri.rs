@@ -163,6 +163,20 @@ impl Cri {
         })
     }
 
+    /// The streaming URL of an exec (kubectl exec); see `stream`.
+    pub fn exec(&mut self, req: ExecRequest) -> Result<String> {
+        let c = &mut self.client;
+        self.rt
+            .block_on(async { c.exec(req).await.map(|r| r.into_inner().url) })
+    }
+
+    /// The streaming URL of an attach (kubectl attach); see `stream`.
+    pub fn attach(&mut self, req: AttachRequest) -> Result<String> {
+        let c = &mut self.client;
+        self.rt
+            .block_on(async { c.attach(req).await.map(|r| r.into_inner().url) })
+    }
+
     pub fn update_resources(&mut self, id: &str, r: LinuxContainerResources) -> Result<()> {
         let req = UpdateContainerResourcesRequest {
             container_id: id.into(),

@@ -17,6 +17,7 @@ pub mod images;
 pub mod measure;
 pub mod netns;
 pub mod podbench;
+pub mod stream;
 
 /// Path of tiny test guest `name` (assembled from `vmm/guests/<name>.S`).
 pub fn guest(name: &str) -> PathBuf {

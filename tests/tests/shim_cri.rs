@@ -493,3 +493,97 @@ fn the_vm_lives_in_the_pod_cgroup_and_is_held_to_its_limits() {
         });
     }
 }
+
+#[test]
+fn kubectl_exec_and_attach_stream_with_a_terminal_and_resize() {
+    use tests::stream::{Stream, STDIN};
+    let (ns, c, mut cri) = cri_env("kvstream");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let pod_cfg = pod_config("stream", &logs);
+    let pod = cri.run_pod(pod_cfg.clone()).unwrap();
+    // `kubectl run -it`: a shell with stdin and a terminal.
+    let mut cfg = container_config("shell", IMAGE, &["sh"], vec![]);
+    cfg.stdin = true;
+    cfg.tty = true;
+    let shell = cri.create_container(&pod, cfg, &pod_cfg).unwrap();
+    cri.start_container(&shell).unwrap();
+    let wait = Duration::from_secs(30);
+
+    // `kubectl attach -it`: type into the shell, resize its terminal.
+    let url = cri
+        .attach(cri::v1::AttachRequest {
+            container_id: shell.clone(),
+            stdin: true,
+            tty: true,
+            stdout: true,
+            stderr: false,
+        })
+        .unwrap_or_else(|e| panic!("Attach: {e}\n{}", tail(&c.log(), 30)));
+    let out = ns.run(move || {
+        let mut s = Stream::connect(&url).expect("attach stream");
+        s.resize(100, 30);
+        s.send(STDIN, b"echo attached-$((6*7)); stty size\n");
+        s.read_until(wait, |o| o.stdout.contains("30 100"))
+            .stdout
+            .clone()
+    });
+    println!("  attach: {:?}", out.trim());
+    assert!(
+        out.contains("attached-42") && out.contains("30 100"),
+        "{out}"
+    );
+
+    // `kubectl exec`: stdout and stderr apart, the exit code in the final status.
+    let url = cri
+        .exec(cri::v1::ExecRequest {
+            container_id: shell.clone(),
+            cmd: ["sh", "-c", "echo exec-out; echo exec-err >&2; exit 3"]
+                .map(String::from)
+                .to_vec(),
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let out = ns.run(move || {
+        let mut s = Stream::connect(&url).expect("exec stream");
+        s.read_until(wait, |_| false);
+        std::mem::take(&mut s.out)
+    });
+    println!("  exec: {out:?}");
+    assert_eq!(
+        (out.stdout.as_str(), out.stderr.as_str()),
+        ("exec-out\n", "exec-err\n")
+    );
+    assert!(
+        out.status.contains("NonZeroExitCode") && out.status.contains(r#""message":"3""#),
+        "{}",
+        out.status
+    );
+
+    // `kubectl exec -it` with the terminal resized while it runs.
+    let url = cri
+        .exec(cri::v1::ExecRequest {
+            container_id: shell.clone(),
+            cmd: ["sh", "-c", "sleep 2; stty size"]
+                .map(String::from)
+                .to_vec(),
+            tty: true,
+            stdin: true,
+            stdout: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let out = ns.run(move || {
+        let mut s = Stream::connect(&url).expect("exec -t stream");
+        s.resize(120, 40);
+        s.read_until(wait, |_| false);
+        std::mem::take(&mut s.out)
+    });
+    println!("  exec -t: {out:?}");
+    assert!(out.stdout.contains("40 120"), "{out:?}");
+
+    cri.stop_pod(&pod).unwrap();
+    cri.remove_pod(&pod).unwrap();
+}

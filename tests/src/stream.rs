@@ -1,0 +1,100 @@
+//! The streaming protocol of `kubectl exec` / `attach` as containerd's CRI streaming server
+//! speaks it: a WebSocket with subprotocol `v4.channel.k8s.io`, each binary message led by
+//! its channel byte (0 stdin, 1 stdout, 2 stderr, 3 the final status, 4 terminal size).
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use tungstenite::client::IntoClientRequest;
+use tungstenite::{Message, WebSocket};
+
+pub const STDIN: u8 = 0;
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const STATUS: u8 = 3;
+const RESIZE: u8 = 4;
+
+/// What came back so far.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+    /// The status object the server sends when the process ends (JSON).
+    pub status: String,
+    pub closed: bool,
+}
+
+#[derive(Debug)]
+pub struct Stream {
+    ws: WebSocket<TcpStream>,
+    pub out: Output,
+}
+
+impl Stream {
+    /// Opens the stream at `url` (what Exec or Attach returned).
+    pub fn connect(url: &str) -> Result<Stream, String> {
+        let ws_url = url.replacen("http://", "ws://", 1);
+        let mut req = ws_url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "v4.channel.k8s.io".parse().map_err(|_| "header")?,
+        );
+        let host = req
+            .uri()
+            .authority()
+            .ok_or("no host in the URL")?
+            .to_string();
+        let tcp = TcpStream::connect(host).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_millis(200)))
+            .map_err(|e| e.to_string())?;
+        let (ws, _) = tungstenite::client(req, tcp).map_err(|e| e.to_string())?;
+        Ok(Stream {
+            ws,
+            out: Output::default(),
+        })
+    }
+
+    pub fn send(&mut self, channel: u8, data: &[u8]) {
+        let mut m = vec![channel];
+        m.extend_from_slice(data);
+        self.ws
+            .send(Message::binary(m))
+            .expect("send on the stream");
+    }
+
+    /// Tells the terminal's new size, as kubectl does on SIGWINCH.
+    pub fn resize(&mut self, width: u16, height: u16) {
+        let size = format!(r#"{{"Width":{width},"Height":{height}}}"#);
+        self.send(RESIZE, size.as_bytes());
+    }
+
+    /// Reads until `done` holds for what came back, or the stream closes, or `timeout`.
+    pub fn read_until(&mut self, timeout: Duration, done: impl Fn(&Output) -> bool) -> &Output {
+        let t0 = Instant::now();
+        while !done(&self.out) && !self.out.closed && t0.elapsed() < timeout {
+            match self.ws.read() {
+                Ok(Message::Binary(b)) if !b.is_empty() => {
+                    let text = String::from_utf8_lossy(&b[1..]).into_owned();
+                    match b[0] {
+                        STDOUT => self.out.stdout += &text,
+                        STDERR => self.out.stderr += &text,
+                        STATUS => self.out.status += &text,
+                        _ => {}
+                    }
+                }
+                Ok(Message::Close(_)) => self.out.closed = true,
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => self.out.closed = true,
+            }
+        }
+        &self.out
+    }
+}
