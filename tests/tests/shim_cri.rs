@@ -587,3 +587,76 @@ fn kubectl_exec_and_attach_stream_with_a_terminal_and_resize() {
     cri.stop_pod(&pod).unwrap();
     cri.remove_pod(&pod).unwrap();
 }
+
+#[test]
+fn bad_input_fails_the_cri_call_with_a_message_that_names_it() {
+    let small = tests::cgroups::KubeletPod::create("kubevirt-test-kvbad", 100 << 20, -1, 100_000);
+    let (_ns, c, mut cri) = cri_env("kvbad");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    // Each shim reads its configuration when it starts: edit it between pods.
+    let shim_cfg = c.dir.join("shim.toml");
+    let good = fs::read_to_string(&shim_cfg).unwrap();
+    let mut refused = |name: &str, cfg: String| {
+        fs::write(&shim_cfg, cfg).unwrap();
+        let e = cri.run_pod(pod_config(name, &logs)).unwrap_err();
+        println!("  {name}: {}", e.message());
+        e.message().to_owned()
+    };
+    let e = refused(
+        "nokernel",
+        good.lines()
+            .map(|l| {
+                if l.starts_with("kernel") {
+                    "kernel = \"/nonexistent/vmlinux\""
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    assert!(
+        e.contains("guest kernel") && e.contains("/nonexistent/vmlinux"),
+        "{e}"
+    );
+    let e = refused("badopt", format!("{good}memory_mb = 512\n"));
+    assert!(e.contains("memory_mb"), "{e}");
+    fs::write(&shim_cfg, &good).unwrap();
+
+    // A pod whose memory limit cannot hold the VM's overhead.
+    let mut cfg = pod_config("tiny", &logs);
+    cfg.linux = Some(cri::v1::LinuxPodSandboxConfig {
+        cgroup_parent: format!("/{}", small.path),
+        ..Default::default()
+    });
+    let e = cri.run_pod(cfg).unwrap_err();
+    println!("  tiny: {}", e.message());
+    assert!(e.message().contains("pod memory limit") && e.message().contains("100 MiB"));
+
+    // A volume the VM cannot honour: a Unix socket.
+    let pod_cfg = pod_config("badvol", &logs);
+    let pod = cri.run_pod(pod_cfg.clone()).unwrap();
+    let sock = c.dir.join("app.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let cfg = container_config(
+        "app",
+        IMAGE,
+        &["true"],
+        vec![bind(&sock, "/run/app.sock", false)],
+    );
+    // The CRI creates the task (and so reaches the shim) at StartContainer.
+    let app = cri.create_container(&pod, cfg, &pod_cfg).unwrap();
+    let e = cri.start_container(&app).unwrap_err();
+    println!("  badvol: {}", e.message());
+    assert!(e.message().contains("/run/app.sock"), "{e}");
+    cri.stop_pod(&pod).unwrap();
+    cri.remove_pod(&pod).unwrap();
+    // The refused pod's cgroup went with it.
+    let left: Vec<_> = fs::read_dir(tests::cgroups::file("memory", &small.path, ""))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
