@@ -231,6 +231,35 @@ impl Rootfs {
 
 /// Mounts a pod volume (a virtio-blk disk) at /run/kubevirt/volumes/<name>. Without a file
 /// system type the device node itself is bound there, for raw block volumes.
+/// A pod-wide tmpfs (a memory-backed emptyDir) with the size kubelet gave its host tmpfs.
+fn mount_tmpfs(target: &Path, options: &[String]) -> Result<PathBuf> {
+    let valid = |o: &String| {
+        let (k, v) = o.split_once('=').unwrap_or((o, ""));
+        matches!(k, "size" | "mode")
+            && !v.is_empty()
+            && v.chars().all(|c| c.is_ascii_alphanumeric())
+    };
+    if let Some(bad) = options.iter().find(|o| !valid(o)) {
+        return Err(AgentError::invalid("tmpfs option", format!("{bad:?}")));
+    }
+    fs::create_dir_all(target).map_err(AgentError::io(format!("create {}", target.display())))?;
+    let data = options.join(",");
+    if let Err(e) = mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+        Some(data.as_str()),
+    ) {
+        let _ = fs::remove_dir(target);
+        return Err(AgentError::sys(format!(
+            "mount tmpfs on {}",
+            target.display()
+        ))(e));
+    }
+    Ok(target.to_owned())
+}
+
 pub fn mount_volume(
     name: &str,
     serial: &str,
@@ -245,6 +274,9 @@ pub fn mount_volume(
             "volume name",
             format!("{name:?} is already mounted"),
         ));
+    }
+    if fstype == "tmpfs" && serial.is_empty() {
+        return mount_tmpfs(&target, options);
     }
     let dev = blockdev::find_by_serial(serial)?;
     let mut flags = MsFlags::MS_NODEV;

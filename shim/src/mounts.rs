@@ -39,6 +39,8 @@ pub struct Needs {
     pub copies: Vec<Copy>,
     /// (index of the mount in the spec, the volume).
     pub volumes: Vec<(usize, Volume)>,
+    /// Memory-backed emptyDirs: (name, size in bytes) of a pod-wide guest tmpfs.
+    pub tmpfs: Vec<(String, u64)>,
 }
 
 /// A host file or tree copied to `/run/kubevirt/files/<rel>`.
@@ -77,7 +79,15 @@ pub fn rewrite(spec: &mut serde_json::Value, container: &str) -> Result<Needs> {
             continue;
         }
         if let Some(name) = emptydir_name(&source) {
-            m["source"] = format!("/run/kubevirt/sandbox/emptydir/{name}").into();
+            // kubelet mounts a memory-backed emptyDir as a tmpfs of its sizeLimit: the
+            // guest gets a tmpfs of the same size; a disk-backed one a guest directory.
+            match tmpfs_size(&source) {
+                Some(bytes) => {
+                    m["source"] = format!("/run/kubevirt/volumes/{}", tmpfs_volume(&name)).into();
+                    needs.tmpfs.push((name, bytes));
+                }
+                None => m["source"] = format!("/run/kubevirt/sandbox/emptydir/{name}").into(),
+            }
             continue;
         }
         let meta = fs::metadata(&source).map_err(|e| refuse(e.to_string()))?;
@@ -137,6 +147,18 @@ fn emptydir_name(source: &Path) -> Option<String> {
     let s = source.to_str()?;
     let (_, name) = s.split_once("/volumes/kubernetes.io~empty-dir/")?;
     (!name.is_empty() && !name.contains('/')).then(|| name.to_owned())
+}
+
+/// The size of the tmpfs mounted at `p`, if one is.
+fn tmpfs_size(p: &Path) -> Option<u64> {
+    let st = nix::sys::statfs::statfs(p).ok()?;
+    (st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .then(|| st.blocks() * st.block_size() as u64)
+}
+
+/// The guest volume name of memory-backed emptyDir `name`.
+pub fn tmpfs_volume(name: &str) -> String {
+    format!("emptydir-{name}")
 }
 
 fn tree_size(p: &Path) -> u64 {
@@ -282,5 +304,34 @@ mod tests {
             "{e}"
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_memory_backed_empty_dir_becomes_a_guest_tmpfs_of_its_size() {
+        let dir = std::env::temp_dir().join(format!(
+            "kvmnt-{}/pods/u/volumes/kubernetes.io~empty-dir/mem",
+            std::process::id()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        // As kubelet mounts an emptyDir with medium Memory and sizeLimit 8Mi.
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=8m"),
+        )
+        .expect("mount a tmpfs (the shim's tests run as root)");
+        let mut spec = serde_json::json!({"mounts": [
+            {"destination": "/mem", "type": "bind", "source": dir, "options": ["rbind"]}
+        ]});
+        let needs = rewrite(&mut spec, "c1");
+        let _ = nix::mount::umount(&dir);
+        let _ = fs::remove_dir_all(dir.ancestors().nth(5).unwrap());
+        assert_eq!(needs.unwrap().tmpfs, [("mem".to_owned(), 8 << 20)]);
+        assert_eq!(
+            spec["mounts"][0]["source"],
+            "/run/kubevirt/volumes/emptydir-mem"
+        );
     }
 }

@@ -66,6 +66,8 @@ pub struct Pod {
     cgroup: Mutex<Option<PodCgroup>>,
     /// The CPU sets of the pod's containers; the VM runs on their union.
     cpus: Mutex<HashMap<String, BTreeSet<u32>>>,
+    /// Memory-backed emptyDirs mounted in the guest.
+    tmpfs: Mutex<BTreeSet<String>>,
 }
 
 pub fn ctx() -> context::Context {
@@ -203,6 +205,7 @@ impl Pod {
             slots: Mutex::new(slots),
             cgroup: Mutex::new(p.cgroup),
             cpus: Mutex::default(),
+            tmpfs: Mutex::default(),
         };
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -296,6 +299,25 @@ impl Pod {
         }
         s.volume = Some(dev.to_owned());
         Ok(s.id.clone())
+    }
+
+    /// Mounts memory-backed emptyDir `name` (`bytes` big) in the guest, once per pod.
+    pub fn mount_tmpfs(&self, name: &str, bytes: u64) -> Result<()> {
+        let mut mounted = self.tmpfs.lock().unwrap_or_else(|e| e.into_inner());
+        if mounted.contains(name) {
+            return Ok(());
+        }
+        let req = MountVolumeRequest {
+            name: crate::mounts::tmpfs_volume(name),
+            fstype: "tmpfs".into(),
+            options: vec![format!("size={bytes}")],
+            ..Default::default()
+        };
+        self.agent
+            .mount_volume(ctx(), &req)
+            .map_err(ShimError::agent("mount a memory-backed emptyDir"))?;
+        mounted.insert(name.to_owned());
+        Ok(())
     }
 
     /// A container no longer uses the image in slot `id`; an unused slot is emptied.

@@ -274,6 +274,9 @@ impl TaskService {
             mounts::copy_and_sync(&pod.agent, needs.copies, move || {
                 flag.load(Ordering::Relaxed)
             })?;
+            for (name, bytes) in &needs.tmpfs {
+                pod.mount_tmpfs(name, *bytes)?;
+            }
             let mut spec = spec;
             for (index, v) in &needs.volumes {
                 let slot = pod.attach_volume(&v.host, v.read_only)?;

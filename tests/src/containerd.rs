@@ -161,6 +161,11 @@ impl Containerd {
         c
     }
 
+    /// containerd's mount namespace (a private one in CRI mode), where its shims see mounts.
+    pub fn mount_ns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/mnt", self.child.id()))
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }

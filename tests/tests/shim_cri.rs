@@ -18,6 +18,43 @@ use tests::netns::NetNs;
 
 const IMAGE: &str = "localhost/busybox:test";
 
+/// A tmpfs on the host, as kubelet mounts a memory-backed emptyDir (in containerd's mount
+/// namespace); unmounted on drop.
+struct HostTmpfs(std::path::PathBuf, std::path::PathBuf);
+
+impl HostTmpfs {
+    fn mount(c: &Containerd, dir: &std::path::Path, size: &str) -> HostTmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let ns = c.mount_ns();
+        let ok = Command::new("nsenter")
+            .arg(format!("--mount={}", ns.display()))
+            .args([
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs on {}", dir.display());
+        HostTmpfs(dir.to_owned(), ns)
+    }
+}
+
+impl Drop for HostTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("nsenter")
+            .arg(format!("--mount={}", self.1.display()))
+            .arg("umount")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 /// A loop device over a file, detached on drop.
 struct Loop(std::path::PathBuf);
 
@@ -98,7 +135,17 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
         t0.elapsed().as_secs_f64()
     );
     let server = "mkdir -p /www && cp /etc/config/greeting /www/index.html && echo server-started && exec httpd -f -p 8080 -h /www";
-    let mounts = vec![bind(&config_dir, "/etc/config", true)];
+    // A memory-backed emptyDir with sizeLimit 8Mi, mounted on the host as kubelet does.
+    let mem = HostTmpfs::mount(
+        &c,
+        &c.dir
+            .join("pods/uid-web/volumes/kubernetes.io~empty-dir/mem"),
+        "8m",
+    );
+    let mounts = vec![
+        bind(&config_dir, "/etc/config", true),
+        bind(&mem.0, "/mem", false),
+    ];
     let t1 = Instant::now();
     let web = cri
         .create_container(
@@ -116,7 +163,10 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
     let image = c.dir.join("volume.ext4");
     images::ext4(&image, 64);
     let loopdev = Loop::attach(&image);
-    let volume = vec![bind(&loopdev.0, "/data", false)];
+    let volume = vec![
+        bind(&loopdev.0, "/data", false),
+        bind(&mem.0, "/mem", false),
+    ];
     let side = cri
         .create_container(
             &pod,
@@ -165,6 +215,27 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
         "{}",
         String::from_utf8_lossy(&r.stderr)
     );
+
+    // The emptyDir is one 8 MiB tmpfs for both containers.
+    let r = cri
+        .exec_sync(
+            &web,
+            &["sh", "-c", "echo shared > /mem/note; df -k /mem | tail -1"],
+        )
+        .unwrap();
+    let df = String::from_utf8_lossy(&r.stdout).into_owned();
+    let total_kib: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(total_kib, 8192, "df /mem: {df}");
+    let r = cri.exec_sync(&side, &["cat", "/mem/note"]).unwrap();
+    assert_eq!(r.stdout, b"shared\n");
+    let full = "dd if=/dev/zero of=/mem/big bs=1M count=10 2>&1";
+    let r = cri.exec_sync(&side, &["sh", "-c", full]).unwrap();
+    assert_ne!(r.exit_code, 0, "10 MiB fit in an 8 MiB emptyDir");
+    assert!(String::from_utf8_lossy(&r.stdout).contains("No space left"));
 
     // The pod IP answers from the test's network namespace (where the CNI bridge is).
     let ip = cri
