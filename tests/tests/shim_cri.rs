@@ -452,6 +452,30 @@ fn the_vm_lives_in_the_pod_cgroup_and_is_held_to_its_limits() {
             .sum::<usize>()
     );
 
+    // What the VM costs beyond the guest memory in use (the RuntimeClass overhead): the pod
+    // cgroup's usage minus what the guest has touched (MemTotal - MemFree, an upper bound).
+    let r = cri
+        .exec_sync(&app, &["grep", "-E", "MemTotal|MemFree", "/proc/meminfo"])
+        .unwrap();
+    let kib: Vec<u64> = String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    let guest_used = (kib[0] - kib[1]) >> 10;
+    let usage = tests::cgroups::read(
+        "memory",
+        &kubelet.path,
+        if tests::cgroups::v2() {
+            "memory.current"
+        } else {
+            "memory.usage_in_bytes"
+        },
+    )
+    .parse::<u64>()
+    .unwrap()
+        >> 20;
+    println!("  host: pod cgroup uses {usage} MiB, guest has touched {guest_used} MiB: VM overhead {} MiB", usage.saturating_sub(guest_used));
+
     // PodSandboxStats: the pod cgroup (the whole VM) and the containers (the guest's view).
     let stats = until("pod sandbox stats", &c, || {
         let s = cri.pod_stats(&pod).ok()?;
