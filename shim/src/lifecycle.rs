@@ -61,11 +61,12 @@ impl containerd_shim::Shim for Service {
                 vmm::qemu::remove_socket_dirs(pid);
             }
         }
-        // Its cgroup, once the killed VM has left it.
-        if let Ok(path) = fs::read_to_string(dir.join("cgroup")) {
-            crate::cgroup::remove_path(path.trim());
-        }
+        // Its cgroup, once the killed VM has left it (which may take a moment: last).
+        let cgroup = fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
         let _ = fs::remove_dir_all(&dir);
+        if !cgroup.trim().is_empty() {
+            crate::cgroup::remove_path(cgroup.trim());
+        }
         Ok(DeleteResponse {
             exit_status: 128 + 9,
             exited_at: timestamp(now_ns()),

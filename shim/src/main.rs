@@ -4,6 +4,7 @@
 mod cgroup;
 mod config;
 mod error;
+mod exporter;
 mod lifecycle;
 mod machine;
 mod metrics;
@@ -17,6 +18,11 @@ mod stdio;
 mod task;
 
 fn main() {
+    // `containerd-shim-kubevirt-v1 metrics`: the node's exporter of every pod VM's metrics.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("metrics") {
+        std::process::exit(exporter::main(&args[2..]));
+    }
     // The shim reaps only what it waits for itself (QEMU, mkfs): the crate's reaper would
     // take their exit statuses.
     let config = containerd_shim::Config {

@@ -39,6 +39,8 @@ pub struct PodSpec {
     pub network: Option<PodNetwork>,
     /// The host cgroup the VM runs in (this process has joined it already).
     pub cgroup: Option<PodCgroup>,
+    /// Prometheus labels of the pod's metrics.
+    pub labels: String,
 }
 
 /// Serial of the pod's shared scratch disk (every container's writable layer).
@@ -191,11 +193,24 @@ impl Pod {
                 )));
             }
         };
+        let boot = start.elapsed();
         log::info!(
             "pod {}: agent ready {} ms after VM start",
             p.id,
-            start.elapsed().as_millis()
+            boot.as_millis()
         );
+        let info = crate::exporter::VmInfo {
+            labels: p.labels.clone(),
+            machine: backend.to_string(),
+            boot_seconds: boot.as_secs_f64(),
+            memory_mib: p.memory_mib,
+            vcpus: p.vcpus,
+            pids: vec![std::process::id(), vm_pid],
+            netns: p.network.as_ref().map(|n| n.netns.clone()),
+        };
+        if let Err(e) = crate::exporter::serve(&p.dir, info) {
+            log::warn!("pod {}: no metrics: {e}", p.id);
+        }
         let pod = Pod {
             agent,
             vm_pid,

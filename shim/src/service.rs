@@ -25,6 +25,7 @@ use protocol::agent::{
 use crate::cgroup::{self, Limits, PodCgroup};
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
+use crate::exporter;
 use crate::mounts;
 use crate::network;
 use crate::pod::{ctx, Pod, PodSpec, SCRATCH_ID};
@@ -127,6 +128,21 @@ fn vm_size(spec: &serde_json::Value, cfg: &ShimConfig, limits: Limits) -> Result
     Ok((memory, vcpus.clamp(1, host_cpus().min(255)) as u8))
 }
 
+/// The labels of a pod's metrics: the sandbox id and, from the CRI, the pod's name and
+/// namespace.
+fn metric_labels(id: &str, spec: &serde_json::Value) -> String {
+    let mut l = vec![exporter::label("sandbox_id", id)];
+    for (name, key) in [
+        ("pod", "io.kubernetes.cri.sandbox-name"),
+        ("namespace", "io.kubernetes.cri.sandbox-namespace"),
+    ] {
+        if let Some(v) = spec["annotations"][key].as_str() {
+            l.push(exporter::label(name, v));
+        }
+    }
+    l.join(",")
+}
+
 /// Moves the shim into the pod's host cgroup before the VM starts (see `cgroup`). A lone
 /// container's CPU quota is applied there as runc would; a CRI sandbox's cgroup sits under
 /// the pod cgroup kubelet made, which carries the pod's limits.
@@ -218,6 +234,7 @@ impl TaskService {
                     hostname: spec["hostname"].as_str().unwrap_or_default().to_owned(),
                     network,
                     cgroup,
+                    labels: metric_labels(&req.id, spec),
                 },
             )
         })();

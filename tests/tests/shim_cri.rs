@@ -55,6 +55,35 @@ impl Drop for HostTmpfs {
     }
 }
 
+/// Runs the node's metrics exporter over the test's shims and scrapes it once.
+fn scrape_metrics(c: &Containerd) -> String {
+    use std::io::{BufRead, Read, Write};
+    let mut exporter = Command::new(tests::containerd::shim_binary())
+        .args(["metrics", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(c.shim_state())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(exporter.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("exporter said {line:?}"))
+        .to_owned();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let _ = exporter.kill();
+    let _ = exporter.wait();
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    text
+}
+
 /// A loop device over a file, detached on drop.
 struct Loop(std::path::PathBuf);
 
@@ -248,6 +277,26 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
     let addr: std::net::SocketAddr = format!("{ip}:8080").parse().unwrap();
     let page = until("the pod IP to serve", &c, || ns.http_get(addr));
     assert_eq!(page, "hello from a configmap\n");
+
+    // The node's metrics exporter (`containerd-shim-kubevirt-v1 metrics`) sees the pod VM.
+    let text = scrape_metrics(&c);
+    for name in [
+        "kubevirt_vm_boot_seconds",
+        "kubevirt_vm_memory_bytes",
+        "kubevirt_vm_vcpus",
+        "kubevirt_vmm_cpu_seconds_total",
+        "kubevirt_vmm_resident_bytes",
+        "kubevirt_vm_network_receive_bytes_total",
+        "kubevirt_vm_network_transmit_packets_total",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(value > 0.0 && line.contains("pod=\"web\""), "{line}");
+        println!("  {line}");
+    }
 
     // Container logs reach the CRI log file; status and stats are the guest's.
     let log = until("the server's log line", &c, || {

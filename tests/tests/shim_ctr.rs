@@ -222,11 +222,16 @@ fn a_killed_shim_is_cleaned_up_by_task_delete() {
     });
     let _ = c.ctr(&["task", "delete", "victim"]);
     c.ctr_ok(&["container", "delete", "victim"]);
-    assert_clean(&c);
+    // containerd cleans up after a dead shim in the background: give it a moment.
+    let t0 = std::time::Instant::now();
+    while tests::cgroups::exists("default/victim") && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         !tests::cgroups::exists("default/victim"),
         "the dead shim's cgroup is left"
     );
+    assert_clean(&c);
     let socket_dirs = vmm::qemu::socket_dirs(pid.parse().unwrap());
     assert!(
         socket_dirs.is_empty(),

@@ -1,0 +1,301 @@
+//! Prometheus metrics of the pod VMs. Each shim answers `GET /metrics` on `metrics.sock` in
+//! its pod's state directory; `containerd-shim-kubevirt-v1 metrics --listen ADDR` serves
+//! every pod's on one TCP address for Prometheus. Names and meanings: the README.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Result, ShimError};
+use crate::network::TAP;
+
+/// The socket in a pod's state directory.
+pub const SOCKET: &str = "metrics.sock";
+
+/// What the metrics of one pod VM are made of.
+#[derive(Debug, Clone)]
+pub struct VmInfo {
+    /// Prometheus labels, e.g. `sandbox_id="…",pod="…",namespace="…"`.
+    pub labels: String,
+    pub machine: String,
+    pub boot_seconds: f64,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    /// The VMM's processes: the shim, and QEMU on the qemu back end.
+    pub pids: Vec<u32>,
+    /// The pod's network namespace, where the VM's tap is.
+    pub netns: Option<PathBuf>,
+}
+
+/// Prometheus label values escape `\`, `"` and newlines.
+pub fn label(name: &str, value: &str) -> String {
+    let v = value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("{name}=\"{v}\"")
+}
+
+/// CPU seconds and resident bytes of process `pid` (/proc counts in USER_HZ, 100 on Linux).
+fn process_usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start at the state, field 3.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let cpu = (ticks(11) + ticks(12)) as f64 / 100.0; // utime, stime
+    let rss_pages = ticks(21);
+    (cpu, rss_pages * 4096)
+}
+
+/// (received, transmitted) bytes and packets of the VM's tap, from the guest's side.
+fn tap_counters(netns: &Path) -> Option<[u64; 4]> {
+    let ns = std::fs::File::open(netns).ok()?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // On this short-lived thread only: /proc/thread-self/net follows the thread.
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            let dev = std::fs::read_to_string("/proc/thread-self/net/dev").ok()?;
+            let line = dev
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{TAP}:")))?;
+            let v: Vec<u64> = line
+                .split_once(':')?
+                .1
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // The tap's receive side is what the guest sent, and the other way round.
+            Some([v[8], v[9], v[0], v[1]])
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+}
+
+/// The pod's metrics in Prometheus' text format.
+pub fn render(info: &VmInfo) -> String {
+    let l = &info.labels;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, labels: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {value}"
+        );
+    };
+    let with_machine = format!("{l},{}", label("machine", &info.machine));
+    metric(
+        "kubevirt_vm_boot_seconds",
+        "gauge",
+        "VM start to an answering guest agent.",
+        &with_machine,
+        format!("{:.3}", info.boot_seconds),
+    );
+    metric(
+        "kubevirt_vm_memory_bytes",
+        "gauge",
+        "Guest memory.",
+        l,
+        (info.memory_mib << 20).to_string(),
+    );
+    metric(
+        "kubevirt_vm_vcpus",
+        "gauge",
+        "Guest vCPUs.",
+        l,
+        info.vcpus.to_string(),
+    );
+    let mut pids = info.pids.clone();
+    pids.dedup();
+    let (cpu, rss) = pids
+        .iter()
+        .map(|p| process_usage(*p))
+        .fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    metric(
+        "kubevirt_vmm_cpu_seconds_total",
+        "counter",
+        "CPU time of the VMM processes (vCPUs, devices, the shim).",
+        l,
+        format!("{cpu:.2}"),
+    );
+    metric(
+        "kubevirt_vmm_resident_bytes",
+        "gauge",
+        "Resident memory of the VMM processes, guest memory in use included.",
+        l,
+        rss.to_string(),
+    );
+    if let Some(c) = info.netns.as_deref().and_then(tap_counters) {
+        let nl = format!("{l},{}", label("interface", "eth0"));
+        metric(
+            "kubevirt_vm_network_receive_bytes_total",
+            "counter",
+            "Bytes the guest NIC received.",
+            &nl,
+            c[0].to_string(),
+        );
+        metric(
+            "kubevirt_vm_network_receive_packets_total",
+            "counter",
+            "Frames the guest NIC received.",
+            &nl,
+            c[1].to_string(),
+        );
+        metric(
+            "kubevirt_vm_network_transmit_bytes_total",
+            "counter",
+            "Bytes the guest NIC sent.",
+            &nl,
+            c[2].to_string(),
+        );
+        metric(
+            "kubevirt_vm_network_transmit_packets_total",
+            "counter",
+            "Frames the guest NIC sent.",
+            &nl,
+            c[3].to_string(),
+        );
+    }
+    out
+}
+
+fn respond(mut conn: impl Read + Write, body: &str) {
+    // Read the request head; whatever it asks, the answer is the metrics.
+    let mut r = BufReader::new(&mut conn);
+    let mut line = String::new();
+    while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+        line.clear();
+    }
+    let _ = write!(
+        conn,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Answers `GET /metrics` on `<dir>/metrics.sock` for as long as this shim lives.
+pub fn serve(dir: &Path, info: VmInfo) -> Result<()> {
+    let path = dir.join(SOCKET);
+    let listener =
+        UnixListener::bind(&path).map_err(ShimError::io(format!("bind {}", path.display())))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            respond(conn, &render(&info));
+        }
+    });
+    Ok(())
+}
+
+/// The body of one shim's answer, or nothing from a pod that is gone.
+fn scrape(socket: &Path) -> Option<String> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+/// The node's exporter: every pod's metrics under `state_dir` on `listen` (TCP).
+pub fn aggregate(listen: &str, state_dir: &Path) -> Result<()> {
+    let l = TcpListener::bind(listen).map_err(ShimError::io(format!("listen on {listen}")))?;
+    let addr = l.local_addr().map_err(ShimError::io("local address"))?;
+    println!(
+        "kubevirt-shim metrics: http://{addr}/metrics, pods under {}",
+        state_dir.display()
+    );
+    for conn in l.incoming().flatten() {
+        let mut body = String::new();
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(state_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        for d in dirs {
+            if let Some(b) = scrape(&d.join(SOCKET)) {
+                body += &b;
+            }
+        }
+        respond(conn, &body);
+    }
+    Ok(())
+}
+
+/// `metrics [--listen ADDR] [--state-dir DIR]`; the exit code.
+pub fn main(args: &[String]) -> i32 {
+    let mut listen = "127.0.0.1:9464".to_owned();
+    let mut state_dir = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--listen", Some(v)) => listen = v.clone(),
+            ("--state-dir", Some(v)) => state_dir = Some(PathBuf::from(v)),
+            _ => {
+                eprintln!("usage: containerd-shim-kubevirt-v1 metrics [--listen ADDR] [--state-dir DIR] (got {a:?})");
+                return 2;
+            }
+        }
+    }
+    let state_dir = match state_dir {
+        Some(d) => d,
+        None => match crate::config::ShimConfig::load() {
+            Ok(c) => c.state_dir,
+            Err(e) => {
+                eprintln!("{e}");
+                return 1;
+            }
+        },
+    };
+    match aggregate(&listen, &state_dir) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_text_has_help_type_and_labels() {
+        let info = VmInfo {
+            labels: label("pod", "we\"b"),
+            machine: "qemu".into(),
+            boot_seconds: 2.5,
+            memory_mib: 256,
+            vcpus: 2,
+            pids: vec![std::process::id()],
+            netns: None,
+        };
+        let t = render(&info);
+        assert!(t.contains("# TYPE kubevirt_vm_boot_seconds gauge\nkubevirt_vm_boot_seconds{pod=\"we\\\"b\",machine=\"qemu\"} 2.500\n"), "{t}");
+        assert!(
+            t.contains("kubevirt_vm_memory_bytes{pod=\"we\\\"b\"} 268435456\n"),
+            "{t}"
+        );
+        let cpu: f64 = t
+            .lines()
+            .find_map(|l| l.strip_prefix("kubevirt_vmm_cpu_seconds_total{pod=\"we\\\"b\"} "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(cpu >= 0.0);
+        assert!(!t.contains("network"), "no netns, no network metrics");
+    }
+}
