@@ -341,3 +341,129 @@ fn bad_input_is_named() {
     let out = installer(&["--frobnicate"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--frobnicate"));
 }
+
+/// The exe of the shim that serves container `id` of containerd `c`.
+fn shim_exe(c: &tests::containerd::Containerd, id: &str) -> PathBuf {
+    let out = Command::new("pgrep")
+        .args([
+            "-f",
+            &format!(
+                "containerd-shim-kubevirt-v1 .*-id {id} .*{}",
+                c.dir.display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(!pid.is_empty(), "no shim for {id}");
+    fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+#[test]
+fn an_upgrade_under_a_running_pod_leaves_it_alone_and_new_pods_get_the_new_version() {
+    use tests::containerd::Containerd;
+    const IMAGE: &str = "localhost/busybox:test";
+    const RUNTIME: &str = "io.containerd.kubevirt.v1";
+    let node = Node::new("live", Some(CONFIG_V2));
+    node.run(&[]);
+    let v1 = node.versions()[0].clone();
+    // containerd finds the shim through the node's `current` link, and the shim the guest
+    // through it too (paths inside the fake node root).
+    let current = node.path(&format!("{OPT}/current"));
+    let c = Containerd::start_with_shim_config("upgrade", |cfg| {
+        cfg.lines()
+            .map(|l| match l.split(" = ").next() {
+                Some("kernel") => format!("kernel = {:?}", current.join("share/vmlinux")),
+                Some("initramfs") => {
+                    format!("initramfs = {:?}", current.join("share/initramfs.img"))
+                }
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    });
+    let shim_link = c.dir.join("bin/containerd-shim-kubevirt-v1");
+    fs::remove_file(&shim_link).unwrap();
+    std::os::unix::fs::symlink(current.join("bin/containerd-shim-kubevirt-v1"), &shim_link)
+        .unwrap();
+    let archive = c.dir.join("busybox.tar");
+    tests::images::busybox_oci_archive(&archive, IMAGE);
+    c.import(&archive);
+
+    let run = |id: &str| {
+        c.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            id,
+            "sleep",
+            "1000",
+        ])
+    };
+    run("old");
+    assert!(shim_exe(&c, "old").starts_with(node.path(&format!("{OPT}/versions/{v1}"))));
+
+    // Version 2 (another initramfs) installed under the running pod.
+    let initramfs = node.payload.join("share/initramfs.img");
+    let mut bytes = fs::read(&initramfs).unwrap();
+    bytes.extend_from_slice(&[0; 512]);
+    fs::write(&initramfs, bytes).unwrap();
+    let out = node.run(&[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("version {v1} is still in use")));
+    let v2 = node
+        .versions()
+        .into_iter()
+        .find(|v| *v != v1)
+        .expect("version 2");
+
+    // The running pod goes on; a new one runs the new version.
+    let echo =
+        |id: &str, exec: &str| c.ctr_ok(&["task", "exec", "--exec-id", exec, id, "echo", "alive"]);
+    assert_eq!(echo("old", "e1"), "alive\n");
+    run("new");
+    assert!(shim_exe(&c, "new").starts_with(node.path(&format!("{OPT}/versions/{v2}"))));
+    assert_eq!(echo("new", "e2"), "alive\n");
+    assert_eq!(echo("old", "e3"), "alive\n");
+
+    // The old pod is removed cleanly; then version 1 is unused and goes.
+    for id in ["old", "new"] {
+        c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        let t0 = std::time::Instant::now();
+        while c
+            .ctr_ok(&["task", "ls"])
+            .lines()
+            .any(|l| l.starts_with(id) && !l.contains("STOPPED"))
+        {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "{id} did not stop"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        c.ctr_ok(&["task", "delete", id]);
+        c.ctr_ok(&["container", "delete", id]);
+    }
+    let state: Vec<_> = fs::read_dir(c.shim_state())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(state.is_empty(), "pod state left: {state:?}");
+    drop(c);
+    // The shims end once their pods are deleted; then the next run removes version 1.
+    let t0 = std::time::Instant::now();
+    while node.versions().len() > 1 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "version 1 kept: {:?}",
+            node.versions()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        node.run(&[]);
+    }
+    assert_eq!(node.versions(), [v2]);
+    node.run(&["--uninstall"]);
+}
