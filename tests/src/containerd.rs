@@ -166,6 +166,23 @@ impl Containerd {
         PathBuf::from(format!("/proc/{}/ns/mnt", self.child.id()))
     }
 
+    /// The pid of the shim serving container `id` (panics if there is none).
+    pub fn shim_pid(&self, id: &str) -> u32 {
+        let out = Command::new("pgrep")
+            .args([
+                "-f",
+                &format!(
+                    "containerd-shim-kubevirt-v1 .*-id {id} .*{}",
+                    self.dir.display()
+                ),
+            ])
+            .output()
+            .expect("pgrep");
+        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        pid.parse()
+            .unwrap_or_else(|_| panic!("no shim process for {id}: {pid:?}"))
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }

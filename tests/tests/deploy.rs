@@ -344,19 +344,7 @@ fn bad_input_is_named() {
 
 /// The exe of the shim that serves container `id` of containerd `c`.
 fn shim_exe(c: &tests::containerd::Containerd, id: &str) -> PathBuf {
-    let out = Command::new("pgrep")
-        .args([
-            "-f",
-            &format!(
-                "containerd-shim-kubevirt-v1 .*-id {id} .*{}",
-                c.dir.display()
-            ),
-        ])
-        .output()
-        .unwrap();
-    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(!pid.is_empty(), "no shim for {id}");
-    fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+    fs::read_link(format!("/proc/{}/exe", c.shim_pid(id))).unwrap()
 }
 
 #[test]

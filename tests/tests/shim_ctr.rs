@@ -194,18 +194,7 @@ fn a_killed_shim_is_cleaned_up_by_task_delete() {
         "sleep",
         "1000",
     ]);
-    let shim = Command::new("pgrep")
-        .args([
-            "-f",
-            &format!(
-                "containerd-shim-kubevirt-v1 .*-id victim .*{}",
-                c.dir.display()
-            ),
-        ])
-        .output()
-        .unwrap();
-    let pid = String::from_utf8_lossy(&shim.stdout).trim().to_owned();
-    assert!(!pid.is_empty(), "no shim process for victim");
+    let pid = c.shim_pid("victim").to_string();
     // The shim and its VM live in the container's cgroup (ctr's `/default/victim`).
     assert!(
         tests::cgroups::threads_outside(pid.parse().unwrap(), "default/victim").is_empty(),
