@@ -1,6 +1,7 @@
 //! containerd-shim-kubevirt-v1: containerd's runtime `io.containerd.kubevirt.v1`. One shim and
 //! one microVM per pod; the guest agent runs the containers (see ../shared/DESIGN.md).
 
+mod affinity;
 mod cgroup;
 mod config;
 mod error;

@@ -368,13 +368,25 @@ impl Pod {
             return Ok(());
         };
         let union: BTreeSet<u32> = all.values().flatten().copied().collect();
-        let list = if union.is_empty() {
-            cg.parent_cpus()
-        } else {
+        let spread = !union.is_empty();
+        let list = if spread {
             cgroup::format_cpus(&union)
+        } else {
+            cg.parent_cpus()
         };
-        log::info!("pod {}: VM runs on CPUs {list}", self.owner);
-        cg.set_cpus(&list)
+        cg.set_cpus(&list)?;
+        // After the cpuset: writing it resets every thread's affinity.
+        let set = if spread {
+            union
+        } else {
+            cgroup::parse_cpus(&list)?
+        };
+        let pinned = crate::affinity::pin(&[std::process::id(), self.vm_pid], &set, spread);
+        log::info!(
+            "pod {}: VM runs on CPUs {list}, {pinned} vCPU threads pinned",
+            self.owner
+        );
+        Ok(())
     }
 
     /// Asks the agent to power off, then makes sure the VM is gone and leaves its cgroup.

@@ -133,16 +133,23 @@ pub fn threads_outside(pid: u32, path: &str) -> Vec<String> {
 
 /// The CPUs each thread of process `pid` may run on (`Cpus_allowed_list`).
 pub fn thread_cpus(pid: u32) -> Vec<String> {
+    named_thread_cpus(pid).into_iter().map(|(_, c)| c).collect()
+}
+
+/// Each thread of process `pid`: its name and the CPUs it may run on.
+pub fn named_thread_cpus(pid: u32) -> Vec<(String, String)> {
     tasks(pid)
         .iter()
         .map(|t| {
-            std::fs::read_to_string(t.join("status"))
+            let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+            let cpus = std::fs::read_to_string(t.join("status"))
                 .unwrap_or_default()
                 .lines()
                 .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
                 .unwrap_or("?")
                 .trim()
-                .to_owned()
+                .to_owned();
+            (name.trim().to_owned(), cpus)
         })
         .collect()
 }

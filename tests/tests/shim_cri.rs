@@ -525,6 +525,23 @@ fn the_vm_lives_in_the_pod_cgroup_and_is_held_to_its_limits() {
         >> 20;
     println!("  host: pod cgroup uses {usage} MiB, guest has touched {guest_used} MiB: VM overhead {} MiB", usage.saturating_sub(guest_used));
 
+    // The limits the VM is under are the pod's.
+    let (mem, cpu) = if tests::cgroups::v2() {
+        (
+            tests::cgroups::read("memory", &kubelet.path, "memory.max"),
+            tests::cgroups::read("cpu", &kubelet.path, "cpu.max"),
+        )
+    } else {
+        (
+            tests::cgroups::read("memory", &kubelet.path, "memory.limit_in_bytes"),
+            tests::cgroups::read("cpu", &kubelet.path, "cpu.cfs_quota_us")
+                + " "
+                + &tests::cgroups::read("cpu", &kubelet.path, "cpu.cfs_period_us"),
+        )
+    };
+    assert_eq!(mem, ((256 + OVERHEAD_MIB) << 20).to_string());
+    assert_eq!(cpu, "50000 100000");
+
     // PodSandboxStats: the pod cgroup (the whole VM) and the containers (the guest's view).
     let stats = until("pod sandbox stats", &c, || {
         let s = cri.pod_stats(&pod).ok()?;
@@ -564,6 +581,26 @@ fn the_vm_lives_in_the_pod_cgroup_and_is_held_to_its_limits() {
         137,
         "100 MiB under the updated 64 MiB limit"
     );
+    // Given two CPUs, each vCPU gets one of its own (the other threads share them: none is
+    // left over here).
+    if two_cpus {
+        cri.update_resources(&app, resources(64, "0-1")).unwrap();
+        let threads: Vec<(String, String)> = pids
+            .iter()
+            .flat_map(|p| tests::cgroups::named_thread_cpus(*p))
+            .collect();
+        for (name, cpus) in &threads {
+            let want = match name.as_str() {
+                "CPU 0/TCG" | "CPU 0/KVM" | "vcpu0" => "0",
+                "CPU 1/TCG" | "CPU 1/KVM" | "vcpu1" => "1",
+                _ => "0-1",
+            };
+            assert_eq!(cpus, want, "{name}: {threads:?}");
+        }
+        let vcpus = threads.iter().filter(|(_, c)| c != "0-1").count();
+        assert_eq!(vcpus, 2, "{threads:?}");
+        println!("  vCPU threads pinned one per CPU of the set 0-1");
+    }
 
     // A container that touches more memory than its limit is OOM-killed in the guest, and
     // the CRI says so; the VM and the node go on.

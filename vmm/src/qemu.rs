@@ -125,6 +125,9 @@ impl QemuVm {
                 "-display",
                 "none",
                 "-no-reboot",
+                // vCPU threads named `CPU <n>/TCG` (or /KVM), so that they can be pinned.
+                "-name",
+                "kubevirt,debug-threads=on",
                 // Modern virtio-mmio (version 2): our devices are virtio 1.x only.
                 "-global",
                 "virtio-mmio.force-legacy=false",
