@@ -2,11 +2,14 @@
 //! its pod's state directory; `containerd-shim-kubevirt-v1 metrics --listen ADDR` serves
 //! every pod's on one TCP address for Prometheus. Names and meanings: the README.
 
-use std::fmt::Write as _;
+use std::collections::HashMap;
+use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Result, ShimError};
@@ -28,6 +31,10 @@ pub struct VmInfo {
     pub pids: Vec<u32>,
     /// The pod's network namespace, where the VM's tap is.
     pub netns: Option<PathBuf>,
+    /// The device models, for their counters.
+    pub devices: vmm::builder::DeviceCounters,
+    /// Each vCPU's VM exits (the builtin VMM's; QEMU keeps its own).
+    pub exits: Vec<Arc<AtomicU64>>,
 }
 
 /// Prometheus label values escape `\`, `"` and newlines.
@@ -84,90 +91,159 @@ fn tap_counters(netns: &Path) -> Option<[u64; 4]> {
     })
 }
 
+/// Metric families in the text format: one HELP and TYPE per name, its samples together
+/// (also across pods, in the node exporter).
+#[derive(Debug, Default)]
+pub struct Families {
+    order: Vec<String>,
+    heads: HashMap<String, String>,
+    samples: HashMap<String, Vec<String>>,
+}
+
+impl Families {
+    fn family(&mut self, name: &str, head: impl FnOnce() -> String) -> &mut Vec<String> {
+        if !self.heads.contains_key(name) {
+            self.order.push(name.to_owned());
+            self.heads.insert(name.to_owned(), head());
+        }
+        self.samples.entry(name.to_owned()).or_default()
+    }
+
+    pub fn add(&mut self, name: &str, kind: &str, help: &str, labels: &str, value: impl Display) {
+        self.family(name, || {
+            format!("# HELP {name} {help}\n# TYPE {name} {kind}\n")
+        })
+        .push(format!("{name}{{{labels}}} {value}"));
+    }
+
+    /// Adds the families of another exporter's text.
+    pub fn merge_text(&mut self, text: &str) {
+        let mut head = String::new();
+        for line in text.lines() {
+            if line.starts_with('#') {
+                head = head + line + "\n";
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            if !name.is_empty() {
+                let h = std::mem::take(&mut head);
+                self.family(name, || h).push(line.to_owned());
+            }
+        }
+    }
+
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for name in &self.order {
+            out += &self.heads[name];
+            for s in &self.samples[name] {
+                out = out + s + "\n";
+            }
+        }
+        out
+    }
+}
+
 /// The pod's metrics in Prometheus' text format.
 pub fn render(info: &VmInfo) -> String {
     let l = &info.labels;
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, labels: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {value}"
-        );
-    };
+    let mut f = Families::default();
     let with_machine = format!("{l},{}", label("machine", &info.machine));
-    metric(
+    f.add(
         "kubevirt_vm_boot_seconds",
         "gauge",
         "VM start to an answering guest agent.",
         &with_machine,
         format!("{:.3}", info.boot_seconds),
     );
-    metric(
+    f.add(
         "kubevirt_vm_memory_bytes",
         "gauge",
         "Guest memory.",
         l,
-        (info.memory_mib << 20).to_string(),
+        info.memory_mib << 20,
     );
-    metric(
-        "kubevirt_vm_vcpus",
-        "gauge",
-        "Guest vCPUs.",
-        l,
-        info.vcpus.to_string(),
-    );
+    f.add("kubevirt_vm_vcpus", "gauge", "Guest vCPUs.", l, info.vcpus);
     let mut pids = info.pids.clone();
     pids.dedup();
     let (cpu, rss) = pids
         .iter()
         .map(|p| process_usage(*p))
         .fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    metric(
+    f.add(
         "kubevirt_vmm_cpu_seconds_total",
         "counter",
         "CPU time of the VMM processes (vCPUs, devices, the shim).",
         l,
         format!("{cpu:.2}"),
     );
-    metric(
+    f.add(
         "kubevirt_vmm_resident_bytes",
         "gauge",
         "Resident memory of the VMM processes, guest memory in use included.",
         l,
-        rss.to_string(),
+        rss,
     );
     if let Some(c) = info.netns.as_deref().and_then(tap_counters) {
         let nl = format!("{l},{}", label("interface", "eth0"));
-        metric(
+        f.add(
             "kubevirt_vm_network_receive_bytes_total",
             "counter",
             "Bytes the guest NIC received.",
             &nl,
-            c[0].to_string(),
+            c[0],
         );
-        metric(
+        f.add(
             "kubevirt_vm_network_receive_packets_total",
             "counter",
             "Frames the guest NIC received.",
             &nl,
-            c[1].to_string(),
+            c[1],
         );
-        metric(
+        f.add(
             "kubevirt_vm_network_transmit_bytes_total",
             "counter",
             "Bytes the guest NIC sent.",
             &nl,
-            c[2].to_string(),
+            c[2],
         );
-        metric(
+        f.add(
             "kubevirt_vm_network_transmit_packets_total",
             "counter",
             "Frames the guest NIC sent.",
             &nl,
-            c[3].to_string(),
+            c[3],
         );
     }
-    out
+    for (vcpu, n) in info.exits.iter().enumerate() {
+        let vl = format!("{l},{}", label("vcpu", &vcpu.to_string()));
+        let help = "VM exits (KVM_RUN returns) of the builtin VMM's vCPUs.";
+        f.add(
+            "kubevirt_vm_exits_total",
+            "counter",
+            help,
+            &vl,
+            n.load(Ordering::Relaxed),
+        );
+    }
+    // The device models' own counters: block requests and bytes, NIC frames and drops.
+    for (device, kind, counters) in info.devices.read() {
+        let prefix = match kind {
+            "virtio-blk" => "kubevirt_vm_block",
+            "virtio-net" => "kubevirt_vm_net_device",
+            _ => continue,
+        };
+        let dl = format!("{l},{}", label("device", &device));
+        for (counter, value) in counters {
+            let name = format!("{prefix}_{counter}_total");
+            let help = format!(
+                "{kind} {}, as the device model counts it.",
+                counter.replace('_', " ")
+            );
+            f.add(&name, "counter", &help, &dl, value);
+        }
+    }
+    f.text()
 }
 
 fn respond(mut conn: impl Read + Write, body: &str) {
@@ -216,7 +292,7 @@ pub fn aggregate(listen: &str, state_dir: &Path) -> Result<()> {
         state_dir.display()
     );
     for conn in l.incoming().flatten() {
-        let mut body = String::new();
+        let mut families = Families::default();
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(state_dir)
             .into_iter()
             .flatten()
@@ -226,10 +302,10 @@ pub fn aggregate(listen: &str, state_dir: &Path) -> Result<()> {
         dirs.sort();
         for d in dirs {
             if let Some(b) = scrape(&d.join(SOCKET)) {
-                body += &b;
+                families.merge_text(&b);
             }
         }
-        respond(conn, &body);
+        respond(conn, &families.text());
     }
     Ok(())
 }
@@ -282,6 +358,8 @@ mod tests {
             vcpus: 2,
             pids: vec![std::process::id()],
             netns: None,
+            devices: Default::default(),
+            exits: vec![Arc::new(AtomicU64::new(7))],
         };
         let t = render(&info);
         assert!(t.contains("# TYPE kubevirt_vm_boot_seconds gauge\nkubevirt_vm_boot_seconds{pod=\"we\\\"b\",machine=\"qemu\"} 2.500\n"), "{t}");
@@ -297,5 +375,27 @@ mod tests {
             .unwrap();
         assert!(cpu >= 0.0);
         assert!(!t.contains("network"), "no netns, no network metrics");
+        assert!(
+            t.contains("kubevirt_vm_exits_total{pod=\"we\\\"b\",vcpu=\"0\"} 7\n"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn families_from_several_pods_stay_grouped() {
+        let pod = |id: &str| {
+            let mut f = Families::default();
+            f.add("a_total", "counter", "A.", &label("pod", id), 1);
+            f.add("b", "gauge", "B.", &label("pod", id), 2);
+            f.text()
+        };
+        let mut all = Families::default();
+        all.merge_text(&pod("x"));
+        all.merge_text(&pod("y"));
+        assert_eq!(
+            all.text(),
+            "# HELP a_total A.\n# TYPE a_total counter\na_total{pod=\"x\"} 1\na_total{pod=\"y\"} 1\n\
+             # HELP b B.\n# TYPE b gauge\nb{pod=\"x\"} 2\nb{pod=\"y\"} 2\n"
+        );
     }
 }

@@ -63,6 +63,22 @@ impl Machine {
         }
     }
 
+    /// The device models' counters.
+    pub fn counters(&self) -> vmm::builder::DeviceCounters {
+        match self {
+            Machine::Builtin(h) => h.counters().clone(),
+            Machine::Qemu(q) => q.counters().clone(),
+        }
+    }
+
+    /// Each vCPU's VM exits (live counters), where this process runs the vCPUs.
+    pub fn exit_counters(&self) -> Vec<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+        match self {
+            Machine::Builtin(h) => h.exit_counters(),
+            Machine::Qemu(_) => Vec::new(),
+        }
+    }
+
     /// Waits up to `timeout` for the guest to end by itself (after the agent's shutdown).
     pub fn wait_timeout(&mut self, timeout: Duration) -> bool {
         match self {

@@ -207,6 +207,8 @@ impl Pod {
             vcpus: p.vcpus,
             pids: vec![std::process::id(), vm_pid],
             netns: p.network.as_ref().map(|n| n.netns.clone()),
+            devices: m.counters(),
+            exits: m.exit_counters(),
         };
         if let Err(e) = crate::exporter::serve(&p.dir, info) {
             log::warn!("pod {}: no metrics: {e}", p.id);

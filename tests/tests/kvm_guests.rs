@@ -102,6 +102,13 @@ fn pause_resume_stop() {
         "progress after resume"
     );
     assert!(vm.wait_timeout(Duration::from_millis(50)).is_none());
+    // Every '.' is a port write, so a VM exit the metrics count.
+    let exits: u64 = vm
+        .exit_counters()
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert!(exits >= paused_at as u64 + 3, "{exits} exits");
     vm.stop();
     assert_eq!(vm.wait(), VmExit::Stopped);
 }

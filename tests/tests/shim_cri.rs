@@ -288,7 +288,15 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
         "kubevirt_vmm_resident_bytes",
         "kubevirt_vm_network_receive_bytes_total",
         "kubevirt_vm_network_transmit_packets_total",
+        "kubevirt_vm_block_read_requests_total",
+        "kubevirt_vm_block_read_bytes_total",
+        "kubevirt_vm_net_device_transmit_packets_total",
     ] {
+        assert_eq!(
+            text.matches(&format!("# TYPE {name} ")).count(),
+            1,
+            "{name}: {text}"
+        );
         let line = text
             .lines()
             .find(|l| l.starts_with(&format!("{name}{{")))

@@ -92,7 +92,9 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
     let serial_output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
     let pio = attach_legacy_devices(&vm, serial_output, &config, &reset_evt, &mut event_manager)?;
     let mut mmio = MmioDevices::default();
-    for (_, device) in create_devices(&mut config)? {
+    let devices = create_devices(&mut config)?;
+    let counters = DeviceCounters::from(devices.as_slice());
+    for (_, device) in devices {
         mmio.attach(&vm, &mem, &mut event_manager, device)?;
     }
     let cr3 = configure_system_for_boot(&mem, &config, &kernel, initrd, &mmio.cmdline)?;
@@ -111,11 +113,46 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
         event_manager,
         reset_evt,
         seccomp: config.seccomp,
+        counters,
     })
 }
 
 /// A virtio device model with a short name for logs, sockets and threads.
 pub type NamedDevice = (String, Arc<Mutex<dyn VirtioDevice>>);
+
+/// A device's name, kind and counters (name, value).
+pub type DeviceReading = (String, &'static str, Vec<(&'static str, u64)>);
+
+/// The VM's virtio devices, for their counters (metrics).
+#[derive(Clone, Default)]
+pub struct DeviceCounters(Vec<NamedDevice>);
+
+impl DeviceCounters {
+    /// Each device's name (`blk0`, `net0`, ...), kind (`virtio-blk`, ...) and counters.
+    pub fn read(&self) -> Vec<DeviceReading> {
+        self.0
+            .iter()
+            .map(|(name, d)| {
+                let d = d.lock().unwrap_or_else(|e| e.into_inner());
+                (name.clone(), d.name(), d.counters())
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for DeviceCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+impl From<&[NamedDevice]> for DeviceCounters {
+    fn from(d: &[NamedDevice]) -> Self {
+        DeviceCounters(d.to_vec())
+    }
+}
 
 /// The virtio devices the configuration asks for, in slot order; shared by the builtin
 /// machine (virtio-mmio) and the qemu machine (vhost-user).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use devices::virtio::device_type;
 
-use crate::builder::{create_devices, BuildError};
+use crate::builder::{create_devices, BuildError, DeviceCounters};
 use crate::config::{SerialOutput, VmConfig};
 use crate::vhost_user::{serve, VhostUserError, VhostUserServer};
 use crate::vmm::VmExit;
@@ -50,6 +50,7 @@ pub const QEMU: &str = "qemu-system-x86_64";
 #[derive(Debug)]
 pub struct QemuVm {
     child: Child,
+    counters: DeviceCounters,
     servers: Vec<VhostUserServer>,
     dir: PathBuf,
     console: Option<std::thread::JoinHandle<()>>,
@@ -99,6 +100,7 @@ impl QemuVm {
     /// Starts the device servers, then QEMU connected to them.
     pub fn start(mut config: VmConfig, accel: Accel) -> Result<Self, QemuError> {
         let devices = create_devices(&mut config)?;
+        let counters = DeviceCounters::from(devices.as_slice());
         let dir = socket_dir()?;
         let mut args: Vec<String> = Vec::new();
         let mem = config.memory_mib;
@@ -199,6 +201,7 @@ impl QemuVm {
         };
         Ok(Self {
             child,
+            counters,
             servers,
             dir,
             console,
@@ -217,6 +220,11 @@ impl QemuVm {
     }
 
     /// The QEMU process (for a pid file: a crashed embedder's cleanup kills it).
+    /// The devices' counters.
+    pub fn counters(&self) -> &DeviceCounters {
+        &self.counters
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

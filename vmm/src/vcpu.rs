@@ -3,6 +3,7 @@
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -104,6 +105,8 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    /// KVM_RUN returns so far (VM exits), for metrics.
+    exits: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -116,6 +119,8 @@ impl std::fmt::Debug for Vcpu {
 #[derive(Debug)]
 pub struct VcpuHandle {
     pub id: u8,
+    /// KVM_RUN returns so far (VM exits).
+    pub exits: Arc<AtomicU64>,
     requests: Sender<VcpuRequest>,
     states: Mutex<Receiver<VcpuState>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -148,7 +153,13 @@ impl VcpuHandle {
 
 impl Vcpu {
     pub fn new(id: u8, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>) -> Self {
-        Self { id, fd, pio, mmio }
+        Self {
+            id,
+            fd,
+            pio,
+            mmio,
+            exits: Arc::default(),
+        }
     }
 
     /// Starts thread `vcpu<id>`. When the guest ends the vCPU's life (reset, fault, error),
@@ -161,6 +172,7 @@ impl Vcpu {
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
+        let exits_count = self.exits.clone();
         let (req_tx, req_rx) = channel();
         let (state_tx, state_rx) = channel();
         let thread = std::thread::Builder::new()
@@ -195,6 +207,7 @@ impl Vcpu {
             .map_err(|source| VcpuError::Spawn { id, source })?;
         Ok(VcpuHandle {
             id,
+            exits: exits_count,
             requests: req_tx,
             states: Mutex::new(state_rx),
             thread: Mutex::new(Some(thread)),
@@ -246,7 +259,9 @@ impl Vcpu {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
         loop {
-            let exit = match self.fd.run() {
+            let ran = self.fd.run();
+            self.exits.fetch_add(1, Ordering::Relaxed);
+            let exit = match ran {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(port as u64, data) {
                         data.fill(0xff); // nothing there: an open bus reads all ones

@@ -117,6 +117,7 @@ pub struct Vmm {
     pub(crate) reset_evt: EventFd,
     /// Confine the vCPU and VMM threads (see `seccomp`).
     pub(crate) seccomp: bool,
+    pub(crate) counters: crate::builder::DeviceCounters,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -202,9 +203,20 @@ pub struct VmHandle {
     /// grace period, off the caller's path.
     done: Receiver<VmExit>,
     thread: Option<JoinHandle<()>>,
+    counters: crate::builder::DeviceCounters,
 }
 
 impl VmHandle {
+    /// The devices' counters.
+    pub fn counters(&self) -> &crate::builder::DeviceCounters {
+        &self.counters
+    }
+
+    /// Each vCPU's VM exits so far (live counters).
+    pub fn exit_counters(&self) -> Vec<Arc<std::sync::atomic::AtomicU64>> {
+        self.control.vcpus.iter().map(|v| v.exits.clone()).collect()
+    }
+
     /// Pauses every vCPU; returns once all are out of the guest.
     pub fn pause(&self) -> Result<(), VcpuError> {
         self.control.request_all(VcpuRequest::Pause).map(|_| ())
@@ -294,6 +306,7 @@ impl Vmm {
             mut event_manager,
             reset_evt,
             seccomp,
+            counters: _,
         } = self;
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
@@ -364,6 +377,7 @@ impl Vmm {
     /// Starts the vCPUs and a `vmm` thread for the event loop; returns a handle.
     pub fn start(self) -> Result<VmHandle, VmmError> {
         let (done_tx, done) = std::sync::mpsc::channel();
+        let counters = self.counters.clone();
         let (control, run) = self.launch(done_tx)?;
         let thread = std::thread::Builder::new()
             .name("vmm".into())
@@ -375,6 +389,7 @@ impl Vmm {
             control,
             done,
             thread: Some(thread),
+            counters,
         })
     }
 }

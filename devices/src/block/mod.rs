@@ -331,6 +331,19 @@ impl VirtioDevice for Block {
     fn name(&self) -> &'static str {
         "virtio-blk"
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats;
+        vec![
+            ("read_requests", s.read_requests),
+            ("read_bytes", s.read_bytes),
+            ("write_requests", s.write_requests),
+            ("write_bytes", s.write_bytes),
+            ("flush_requests", s.flush_requests),
+            ("discard_requests", s.discard_requests),
+            ("errors", s.errors),
+        ]
+    }
     fn device_type(&self) -> u32 {
         device_type::BLOCK
     }

@@ -395,6 +395,18 @@ impl VirtioDevice for Net {
     fn name(&self) -> &'static str {
         "virtio-net"
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats;
+        vec![
+            ("receive_bytes", s.rx_bytes),
+            ("receive_packets", s.rx_frames),
+            ("receive_dropped", s.rx_dropped),
+            ("transmit_bytes", s.tx_bytes),
+            ("transmit_packets", s.tx_frames),
+            ("transmit_dropped", s.tx_dropped),
+        ]
+    }
     fn device_type(&self) -> u32 {
         device_type::NET
     }

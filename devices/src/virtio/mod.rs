@@ -59,6 +59,10 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space at `offset` (ignored where read-only).
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Counters of the device's work so far (name, value), for metrics; none by default.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// The driver finished setting up (DRIVER_OK); the device may start its back end.
     fn activate(&mut self) -> Result<(), ActivateError> {
         Ok(())
