@@ -75,6 +75,9 @@ const COMMON: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // std's panic hook asks for the working directory to print paths: a panic (say, stdout
+    // closed under `kubevirt-vmm run | head`) must print its message, not die of SIGSYS.
+    libc::SYS_getcwd,
 ];
 
 /// The event loop also serves device back ends (sockets, taps) and kicks vCPUs.

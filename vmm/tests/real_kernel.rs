@@ -220,3 +220,39 @@ fn native_kvm_reaches_the_init_or_emulation_is_reported() {
         );
     }
 }
+
+#[test]
+fn a_closed_console_pipe_does_not_kill_the_vmm_with_sigsys() {
+    use std::os::unix::process::ExitStatusExt;
+    // `kubevirt-vmm run | head -c 100` (as `make demo` does with grep -m): the kernel goes on
+    // printing into a closed pipe. That once ended in SIGSYS (a syscall the seccomp filter
+    // refused); it must end as the run would, or be stopped by us.
+    let kernel = artefact("vmlinux");
+    // stdout and stderr into one pipe (`2>&1 |`): the VMM's own messages hit it too.
+    let (mut out, pipe) = std::io::pipe().unwrap();
+    let mut child = vmm()
+        .args(["run", "--kernel", kernel.to_str().unwrap(), "--vcpus", "2"])
+        .args([
+            "--cmdline",
+            "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1",
+        ])
+        .stdout(pipe.try_clone().unwrap())
+        .stderr(pipe)
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    out.read_exact(&mut first).unwrap();
+    drop(out);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_ne!(status.signal(), Some(libc::SIGSYS), "seccomp killed it");
+}
