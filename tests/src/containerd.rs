@@ -20,6 +20,17 @@ pub fn shim_binary() -> PathBuf {
     p
 }
 
+/// The runtime tables of the drop-in the node installer writes for containerd config
+/// `version` (deploy/containerd/kubevirt-v<version>.toml without comments and version line).
+pub fn runtime_tables(version: u8) -> String {
+    let path = workspace_root().join(format!("deploy/containerd/kubevirt-v{version}.toml"));
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.starts_with("version"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 #[derive(Debug)]
 pub struct Containerd {
     pub dir: PathBuf,
@@ -108,10 +119,11 @@ impl Containerd {
                     "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"localhost/pause:test\"\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"runc\"\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
-                     [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kubevirt]\n  runtime_type = \"io.containerd.kubevirt.v1\"\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = {:?}\n",
                     cni
                 ));
+                // The kubevirt runtime as the node installer adds it (deploy/containerd/).
+                text.push_str(&runtime_tables(2));
             }
         }
         fs::write(&config, text).unwrap();
