@@ -1,9 +1,10 @@
 //! The pod VM on its machine back end: the builtin VMM inside this process, or QEMU with our
 //! devices over vhost-user. `auto` picks by a calibration guest and says why.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm::doctor::{self, Backend};
+use vmm::doctor::{self, Backend, Calibration};
 use vmm::qemu::{Accel, QemuVm};
 use vmm::{VmConfig, VmHandle};
 
@@ -16,10 +17,52 @@ pub enum Machine {
     Qemu(QemuVm),
 }
 
+/// Where the host's calibration is kept: next to the state directory (which holds only
+/// pods), e.g. `/run/kubevirt-shim.calibration`.
+pub fn calibration_cache(state_dir: &Path) -> PathBuf {
+    state_dir.with_extension("calibration")
+}
+
+/// A cached calibration, if it was measured since this host booted.
+fn read_cached(path: &Path, boot_id: &str) -> Option<Calibration> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut f = text.split_whitespace();
+    if boot_id.is_empty() || f.next()? != boot_id {
+        return None;
+    }
+    Some(Calibration {
+        instructions_per_sec: f.next()?.parse().ok()?,
+        elapsed: Duration::from_nanos(f.next()?.parse().ok()?),
+    })
+}
+
+/// How fast KVM runs guest code here: measured by a calibration guest (tens of ms) once per
+/// host boot, then read from `cache` by later pods.
+fn calibration(cache: &Path) -> Result<Calibration> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot_id = boot_id.trim();
+    if let Some(c) = read_cached(cache, boot_id) {
+        return Ok(c);
+    }
+    let c =
+        doctor::calibrate().map_err(|e| ShimError::Vm(format!("KVM calibration guest: {e}")))?;
+    if !boot_id.is_empty() {
+        let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
+        let line = format!(
+            "{boot_id} {} {}\n",
+            c.instructions_per_sec,
+            c.elapsed.as_nanos()
+        );
+        if std::fs::write(&tmp, line).is_ok() && std::fs::rename(&tmp, cache).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(c)
+}
+
 /// The back end for `kind`, with the reason.
-pub fn choose(kind: MachineKind) -> Result<(Backend, Accel, String)> {
-    let cal =
-        || doctor::calibrate().map_err(|e| ShimError::Vm(format!("KVM calibration guest: {e}")));
+pub fn choose(kind: MachineKind, cache: &Path) -> Result<(Backend, Accel, String)> {
+    let cal = || calibration(cache);
     Ok(match kind {
         MachineKind::Builtin => (Backend::Builtin, Accel::Kvm, "configured: builtin".into()),
         MachineKind::Qemu => {
@@ -98,5 +141,29 @@ impl Machine {
                 q.kill();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_calibration_is_measured_once_per_host_boot() {
+        let dir = std::env::temp_dir().join(format!("kvcal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cache = calibration_cache(&dir.join("state"));
+        assert_eq!(cache, dir.join("state.calibration"));
+        let first = calibration(&cache).expect("calibration guest (needs /dev/kvm)");
+        let again = calibration(&cache).unwrap();
+        assert_eq!(first.instructions_per_sec, again.instructions_per_sec);
+        assert_eq!(first.elapsed, again.elapsed);
+        // Another boot's (or a garbled) cache is not used.
+        std::fs::write(&cache, "other-boot 1 1\n").unwrap();
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        assert!(read_cached(&cache, boot_id.trim()).is_none());
+        std::fs::write(&cache, format!("{} x 1\n", boot_id.trim())).unwrap();
+        assert!(read_cached(&cache, boot_id.trim()).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

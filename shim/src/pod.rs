@@ -105,7 +105,8 @@ impl Pod {
         cfg.check_guest()?;
         let uds = p.dir.join("vsock.sock");
         forward_agent_log(&uds, p.id.clone())?;
-        let (backend, accel, why) = machine::choose(cfg.machine)?;
+        let (backend, accel, why) =
+            machine::choose(cfg.machine, &machine::calibration_cache(&cfg.state_dir))?;
         // The guest ends the VM by resetting it. Our VMM sees the i8042 reset; on QEMU TCG
         // a 1-vCPU guest whose agent resets through the i8042 was seen spinning after
         // "Restarting system", while a triple fault always resets (-no-reboot: QEMU exits).
