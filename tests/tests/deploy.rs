@@ -1,6 +1,7 @@
 //! The node installer (`deploy/install.sh`) against directories laid out like nodes with
 //! containerd 1.6 (config version 2), containerd 2.x (version 3) and no config at all: the
-//! files it writes, a second run changing nothing, the real containerd accepting the result,
+//! files it writes, a second run changing nothing, the real containerd accepting the result
+//! (Debian's 1.6, and Debian unstable's 2.x binary that `make deps` keeps in the cache),
 //! upgrades keeping versions in use, and the uninstaller restoring the node byte for byte.
 //!
 //! Needs root, containerd, `make build` and `make guest`.
@@ -165,7 +166,11 @@ impl Drop for Node {
 
 /// `containerd config dump` of the node's config, as the real containerd reads it.
 fn containerd_dump(node: &Node) -> String {
-    let out = Command::new("containerd")
+    containerd_dump_with(Path::new("containerd"), node)
+}
+
+fn containerd_dump_with(containerd: &Path, node: &Node) -> String {
+    let out = Command::new(containerd)
         .arg("--config")
         .arg(node.path("etc/containerd/config.toml"))
         .args(["config", "dump"])
@@ -269,6 +274,23 @@ fn containerd_2_node_gets_a_version_3_drop_in() {
             rt["runtime_type"].as_str(),
             Some("io.containerd.kubevirt.v1")
         );
+        // The real containerd 2 (Debian unstable's, fetched by `make deps`) reads it all.
+        let cache = std::env::var("KUBEVIRT_CACHE").unwrap_or("/var/cache/kubevirt-shim".into());
+        let c2 = Path::new(&cache).join("containerd2/usr/bin/containerd");
+        assert!(c2.exists(), "{} is missing: make deps", c2.display());
+        let dump = containerd_dump_with(&c2, n);
+        for want in [
+            "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kubevirt]",
+            "runtime_type = 'io.containerd.kubevirt.v1'",
+            "pod_annotations = ['kubevirt.io/*']",
+            "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]",
+            "snapshotter = 'overlayfs'",
+        ] {
+            assert!(
+                dump.contains(want),
+                "containerd 2 config dump lacks {want}:\n{dump}"
+            );
+        }
     });
 }
 
