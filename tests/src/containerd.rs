@@ -69,6 +69,19 @@ impl Containerd {
         Self::start_in(name, Some(netns), |c| c)
     }
 
+    /// [`Containerd::start_cri`] with the pause image and a busybox image tagged `busybox`
+    /// (built here) imported into namespace k8s.io.
+    pub fn start_cri_with_images(name: &str, netns: &str, busybox: &str) -> Containerd {
+        let c = Self::start_cri(name, netns);
+        let pause = c.dir.join("pause.tar");
+        crate::images::pause_oci_archive(&pause);
+        c.import_cri(&pause);
+        let archive = c.dir.join("busybox.tar");
+        crate::images::busybox_oci_archive(&archive, busybox);
+        c.import_cri(&archive);
+        c
+    }
+
     fn start_in(
         name: &str,
         cri_netns: Option<&str>,

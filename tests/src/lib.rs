@@ -13,6 +13,7 @@ pub mod blkbench;
 pub mod cgroups;
 pub mod containerd;
 pub mod cri;
+pub mod crienv;
 pub mod images;
 pub mod measure;
 pub mod netns;

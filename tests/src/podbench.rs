@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use crate::containerd::Containerd;
 use crate::cri::{container_config, pod_config, Cri};
-use crate::images;
 use crate::measure::median;
 use crate::netns::NetNs;
 
@@ -93,13 +92,7 @@ fn ms(d: Duration) -> String {
 pub fn pod_section(r: &mut String, runs: usize, progress: &dyn Fn(&str)) {
     let ns = NetNs::new("kvbench");
     ns.exec(&["ip", "link", "set", "lo", "up"]);
-    let c = Containerd::start_cri("bench", &ns.name);
-    let pause = c.dir.join("pause.tar");
-    images::pause_oci_archive(&pause);
-    c.import_cri(&pause);
-    let busybox = c.dir.join("busybox.tar");
-    images::busybox_oci_archive(&busybox, IMAGE);
-    c.import_cri(&busybox);
+    let c = Containerd::start_cri_with_images("bench", &ns.name, IMAGE);
     let mut cri = Cri::connect(&c.socket()).expect("CRI");
     let mut rows = Vec::new();
     for (label, handler) in [

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use tests::containerd::{tail, Containerd};
 use tests::cri::{container_config, pod_config, Cri};
-use tests::images;
 use tests::netns::NetNs;
 
 const IMAGE: &str = "localhost/busybox:demo";
@@ -27,20 +26,13 @@ fn main() {
     step("a private containerd with the kubevirt runtime handler, in its own network namespace");
     let ns = NetNs::new("kvdemo");
     ns.exec(&["ip", "link", "set", "lo", "up"]);
-    let c = Containerd::start_cri("demo", &ns.name);
+    println!("(with a pause and a busybox image, built here and imported into k8s.io)");
+    let c = Containerd::start_cri_with_images("demo", &ns.name, IMAGE);
     println!(
         "containerd: {} (log: {})",
         c.socket().display(),
         c.dir.join("containerd.log").display()
     );
-
-    step("images: busybox and a pause image, built here and imported into k8s.io");
-    let pause = c.dir.join("pause.tar");
-    images::pause_oci_archive(&pause);
-    c.import_cri(&pause);
-    let busybox = c.dir.join("busybox.tar");
-    images::busybox_oci_archive(&busybox, IMAGE);
-    c.import_cri(&busybox);
     println!("imported localhost/pause:test and {IMAGE}");
 
     step("CRI: RunPodSandbox with runtime handler kubevirt, then a container");
