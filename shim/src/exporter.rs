@@ -46,23 +46,28 @@ pub fn label(name: &str, value: &str) -> String {
     format!("{name}=\"{v}\"")
 }
 
-/// CPU seconds and resident bytes of process `pid` (/proc counts in USER_HZ, 100 on Linux).
+/// CPU seconds (/proc/PID/stat, in USER_HZ: 100 on Linux) and resident bytes
+/// (/proc/PID/status) of process `pid`.
 fn process_usage(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command (which may hold spaces) start at the state, field 3.
-    let fields: Vec<&str> = stat
+    let fields: Vec<u64> = stat
         .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|v| v.parse().unwrap_or(0))
+                .collect()
+        })
         .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let ticks = |i: usize| fields.get(i).copied().unwrap_or(0);
     let cpu = (ticks(11) + ticks(12)) as f64 / 100.0; // utime, stime
-    let rss_pages = ticks(21);
-    (cpu, rss_pages * 4096)
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (cpu, rss_kib << 10)
 }
 
 /// (received, transmitted) bytes and packets of the VM's tap, from the guest's side.

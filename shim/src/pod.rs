@@ -72,6 +72,19 @@ pub struct Pod {
     tmpfs: Mutex<BTreeSet<String>>,
 }
 
+/// A slot neither an image nor a volume uses; `none` says what found none.
+fn free_slot<'a>(slots: &'a mut [Slot], none: &str) -> Result<&'a mut Slot> {
+    slots
+        .iter_mut()
+        .find(|s| s.users == 0 && s.volume.is_none())
+        .ok_or_else(|| {
+            ShimError::Unsupported(format!(
+                "{none}; raise disk_slots in {}",
+                crate::config::DEFAULT_PATH
+            ))
+        })
+}
+
 pub fn ctx() -> context::Context {
     context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
 }
@@ -267,15 +280,10 @@ impl Pod {
             s.users += 1;
             return Ok(s.id.clone());
         }
-        let s = slots
-            .iter_mut()
-            .find(|s| s.users == 0 && s.volume.is_none())
-            .ok_or_else(|| {
-                ShimError::Unsupported(format!(
-                    "every disk slot of the pod VM holds an image in use; raise disk_slots in {}",
-                    crate::config::DEFAULT_PATH
-                ))
-            })?;
+        let s = free_slot(
+            &mut slots,
+            "every disk slot of the pod VM holds an image in use",
+        )?;
         s.media
             .insert(image, true)
             .map_err(|e| ShimError::Vm(format!("insert {} in {}: {e}", image.display(), s.id)))?;
@@ -291,16 +299,10 @@ impl Pod {
         if let Some(s) = slots.iter().find(|s| s.volume.as_deref() == Some(dev)) {
             return Ok(s.id.clone());
         }
-        let s = slots
-            .iter_mut()
-            .find(|s| s.users == 0 && s.volume.is_none())
-            .ok_or_else(|| {
-                ShimError::Unsupported(format!(
-                    "no free disk slot for volume {}; raise disk_slots in {}",
-                    dev.display(),
-                    crate::config::DEFAULT_PATH
-                ))
-            })?;
+        let s = free_slot(
+            &mut slots,
+            &format!("no free disk slot for volume {}", dev.display()),
+        )?;
         s.media
             .insert(dev, read_only)
             .map_err(|e| ShimError::Vm(format!("attach {} in {}: {e}", dev.display(), s.id)))?;
