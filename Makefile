@@ -7,7 +7,7 @@ export KUBEVIRT_CACHE ?= /var/cache/kubevirt-shim
 CARGO ?= cargo
 GUEST_DIR := target/guest
 
-.PHONY: all deps build guest payload test lint bench demo clean
+.PHONY: all deps build guest payload test lint fuzz bench demo clean
 
 all: build
 
@@ -47,6 +47,12 @@ lint:
 
 test: deps guest build lint
 	$(CARGO) test --workspace --release -- --test-threads=2
+
+# Fuzz targets for the guest-facing device parsers and the agent replies (fuzz/, cargo-fuzz
+# on nightly): each runs a fixed number of inputs from its seed corpus; a crash fails.
+# FUZZ_RUNS=10 runs ten times as many; build output stays in fuzz/target.
+fuzz:
+	@./fuzz/run.sh
 
 bench: deps guest build
 	$(BIN_DIR)/kubevirt-bench

@@ -187,14 +187,17 @@ impl Block {
     fn serve(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let limit = usize::from(q.size()).max(1);
         let mut used = false;
+        let mut first = true;
         loop {
             // With EVENT_IDX, enable_notification also publishes avail_event, without which
             // the driver would stop notifying.
             let _ = q.disable_notification(mem);
+            let mut popped = false;
             while self.in_flight < limit {
                 let Some(chain) = q.pop_descriptor_chain(mem) else {
                     break;
                 };
+                popped = true;
                 used |= self.start(chain, q, mem);
             }
             if self.in_flight >= limit {
@@ -203,7 +206,9 @@ impl Block {
             }
             self.throttled = false;
             match q.enable_notification(mem) {
-                Ok(true) => continue,
+                // The driver added chains meanwhile. A pass after that which pops nothing
+                // means an avail index no pop accepts (corrupt): stop instead of spinning.
+                Ok(true) if popped || first => first = false,
                 _ => return used,
             }
         }

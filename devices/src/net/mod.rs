@@ -356,15 +356,23 @@ impl Net {
             return false;
         }
         let mut used = false;
+        let mut first = true;
         loop {
             let _ = q.disable_notification(mem);
-            used |= self
+            let sent = self
                 .tx
                 .send_all(q, mem, self.backend.as_fd(), &mut self.stats);
+            used |= sent;
             // Stalled: notifications stay off; EPOLLOUT on the back end brings us back.
             if self.tx.stalled || !q.enable_notification(mem).unwrap_or(false) {
                 break;
             }
+            // The driver added chains meanwhile. A pass after that which pops nothing means
+            // an avail index no pop accepts (corrupt): stop instead of spinning.
+            if !sent && !first {
+                break;
+            }
+            first = false;
         }
         self.sync_interest();
         used

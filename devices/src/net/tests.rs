@@ -16,6 +16,8 @@ const MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 /// Used rings of the test driver's queues (see `Driver`).
 const RX_USED: u64 = 0x1800;
 const TX_USED: u64 = 0x2800;
+/// `idx` of the tx queue's avail ring.
+const TX_AVAIL_IDX: u64 = 0x2402;
 const MRG: u64 = 1 << vn::VIRTIO_NET_F_MRG_RXBUF;
 
 #[derive(Debug)]
@@ -248,6 +250,34 @@ fn tx_drops_malformed_chains_and_goes_on() {
     assert!(used.iter().all(|&(_, len)| len == 0));
     let s = rig.net.stats();
     assert_eq!((s.tx_frames, s.tx_dropped), (1, 5));
+}
+
+/// Found by fuzzing (fuzz/regressions/virtio_net_tx/): an avail index far ahead of the
+/// device, which no pop accepts, made the tx loop spin for ever on the VMM thread.
+#[test]
+fn tx_does_not_spin_on_a_corrupt_avail_index() {
+    let mut rig = Rig::new(0);
+    // The ring claims 0x200 chains; it holds QUEUE_SIZE.
+    rig.d.write(TX_AVAIL_IDX, &0x200u16.to_le_bytes());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let used = rig.queue(TX_QUEUE);
+        let _ = tx.send((rig, used));
+    });
+    let (mut rig, used) = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("process_queue returns");
+    assert_eq!(used, 0);
+    assert!(rig.d.used(TX_QUEUE).is_empty());
+    assert_eq!(rig.recv(), None);
+    // Once the driver puts its index right, frames go out again.
+    rig.d.write(TX_AVAIL_IDX, &0u16.to_le_bytes());
+    let good = frame(60, 1);
+    rig.d.write(0x30000, &good);
+    rig.d
+        .add_chain(TX_QUEUE, &[(0x30000, good.len() as u32, 0)]);
+    assert_eq!(rig.queue(TX_QUEUE), 1 << TX_QUEUE);
+    assert_eq!(rig.recv().unwrap(), good);
 }
 
 #[test]

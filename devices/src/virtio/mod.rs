@@ -3,7 +3,7 @@
 //! the queues and guest memory, calls the device when the driver or the host side has
 //! work, and signals the driver for every queue the device reports as used.
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod testing;
 
 use std::os::fd::RawFd;

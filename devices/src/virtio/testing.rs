@@ -1,5 +1,6 @@
 //! Test-side virtqueue driver: writes descriptor chains into guest memory the way a guest
-//! driver would, runs the device, and reads back the used ring.
+//! driver would, runs the device, and reads back the used ring. Unit tests use it, and so do
+//! the fuzz targets (through the `fuzzing` feature), which lay out arbitrary tables and rings.
 
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
@@ -93,24 +94,30 @@ impl Driver {
     /// Writes raw descriptors as they are (for malformed chains: loops, bad `next`) and
     /// makes the first one available.
     pub fn add_raw(&mut self, q: usize, raw: &[RawDescriptor]) {
-        let r = self.rings[q];
         let start = self.next_desc[q];
         for (i, d) in raw.iter().enumerate() {
-            let slot = (start as u64 + i as u64) % QUEUE_SIZE as u64;
-            self.mem
-                .write_obj(*d, GuestAddress(r.desc + slot * 16))
-                .unwrap();
+            self.set_desc(q, (start as usize + i) % QUEUE_SIZE as usize, *d);
         }
+        self.push_avail(q, start % QUEUE_SIZE);
+        self.next_desc[q] = (start + raw.len() as u16) % QUEUE_SIZE;
+    }
+
+    /// Writes descriptor `slot` (taken modulo the queue size) of queue `q`'s table.
+    pub fn set_desc(&mut self, q: usize, slot: usize, d: RawDescriptor) {
+        let at = self.rings[q].desc + (slot % QUEUE_SIZE as usize) as u64 * 16;
+        self.mem.write_obj(d, GuestAddress(at)).unwrap();
+    }
+
+    /// Makes `head` available on queue `q` as it is, even outside the table.
+    pub fn push_avail(&mut self, q: usize, head: u16) {
+        let avail = self.rings[q].avail;
         let idx = self.avail_idx[q];
-        let entry = r.avail + 4 + (idx % QUEUE_SIZE) as u64 * 2;
-        self.mem
-            .write_obj(start % QUEUE_SIZE, GuestAddress(entry))
-            .unwrap();
+        let entry = avail + 4 + (idx % QUEUE_SIZE) as u64 * 2;
+        self.mem.write_obj(head, GuestAddress(entry)).unwrap();
         self.avail_idx[q] = idx.wrapping_add(1);
         self.mem
-            .write_obj(self.avail_idx[q], GuestAddress(r.avail + 2))
+            .write_obj(self.avail_idx[q], GuestAddress(avail + 2))
             .unwrap();
-        self.next_desc[q] = (start + raw.len() as u16) % QUEUE_SIZE;
     }
 
     /// (head, len) of every used element of queue `q` so far.
