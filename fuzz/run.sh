@@ -15,7 +15,7 @@ declare -A RUNS=(
     [virtio_blk]=15000
     [virtio_net_tx]=150000
     [virtio_net_rx]=150000
-    [vsock_packet]=60000
+    [vsock_packet]=120000
     [virtio_rng]=150000
     [agent_messages]=60000
 )
