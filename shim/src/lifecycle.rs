@@ -37,6 +37,8 @@ impl containerd_shim::Shim for Service {
             .and_then(|v| v["annotations"][SANDBOX_ID].as_str().map(str::to_owned))
             .unwrap_or_else(|| opts.id.clone());
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // containerd reads it from the bundle when it restarts, to reconnect to us.
+        containerd_shim::util::write_address(&address)?;
         Ok(address)
     }
 
