@@ -20,6 +20,8 @@ pub enum ConnectError {
     Ttrpc(ttrpc::Error),
     /// Nothing answered before the deadline.
     Timeout(Duration, Box<ConnectError>),
+    /// The VM ended while we waited (how it ended).
+    VmEnded(String),
 }
 
 impl std::fmt::Display for ConnectError {
@@ -29,17 +31,27 @@ impl std::fmt::Display for ConnectError {
             ConnectError::Refused(m) => write!(f, "vsock connect refused: {m}"),
             ConnectError::Ttrpc(e) => write!(f, "ttrpc: {e}"),
             ConnectError::Timeout(d, last) => write!(f, "agent not reachable within {d:?}: {last}"),
+            ConnectError::VmEnded(how) => {
+                write!(f, "the VM ended before its agent answered: {how}")
+            }
         }
     }
 }
 
 impl std::error::Error for ConnectError {}
 
+/// How long the device may take to answer `CONNECT`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// One connection to guest `port` through the hybrid vsock socket `uds`.
 pub fn connect_stream(uds: &Path, port: u32) -> Result<UnixStream, ConnectError> {
     let sock_err = |e| ConnectError::Socket(uds.to_path_buf(), e);
     let mut s = UnixStream::connect(uds).map_err(sock_err)?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(sock_err)?;
+    // A live guest answers in milliseconds; one that died never does, and the caller must
+    // get to check whether it did.
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(sock_err)?;
     // Read the answer byte by byte: whatever follows belongs to the protocol on top.
     let mut line = Vec::new();
@@ -59,6 +71,16 @@ pub fn connect_stream(uds: &Path, port: u32) -> Result<UnixStream, ConnectError>
 
 /// A ttrpc client of the agent, retrying until it listens or `timeout` passes.
 pub fn connect_agent(uds: &Path, timeout: Duration) -> Result<AgentClient, ConnectError> {
+    connect_agent_while(uds, timeout, || None)
+}
+
+/// [`connect_agent`] that gives up as soon as `ended` says how the VM ended: a guest that
+/// panicked at boot fails at once instead of after the whole timeout.
+pub fn connect_agent_while(
+    uds: &Path,
+    timeout: Duration,
+    mut ended: impl FnMut() -> Option<String>,
+) -> Result<AgentClient, ConnectError> {
     let start = Instant::now();
     loop {
         match connect_stream(uds, crate::AGENT_PORT) {
@@ -69,7 +91,12 @@ pub fn connect_agent(uds: &Path, timeout: Duration) -> Result<AgentClient, Conne
             Err(e) if start.elapsed() >= timeout => {
                 return Err(ConnectError::Timeout(timeout, Box::new(e)));
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => {
+                if let Some(how) = ended() {
+                    return Err(ConnectError::VmEnded(how));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }

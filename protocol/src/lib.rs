@@ -12,7 +12,7 @@ pub const AGENT_PORT: u32 = 1024;
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 
 mod connect;
-pub use connect::{connect_agent, connect_stream, ConnectError};
+pub use connect::{connect_agent, connect_agent_while, connect_stream, ConnectError};
 
 pub use protobuf;
 pub use ttrpc;

@@ -130,6 +130,14 @@ impl Machine {
         }
     }
 
+    /// How the VM ended, if it has (without waiting).
+    pub fn ended(&mut self) -> Option<String> {
+        match self {
+            Machine::Builtin(h) => h.wait_timeout(Duration::ZERO).map(|e| e.to_string()),
+            Machine::Qemu(q) => q.wait_timeout(Duration::ZERO).map(|s| format!("QEMU {s}")),
+        }
+    }
+
     /// Ends the VM now (after a clean shutdown this only reaps it).
     pub fn stop(self) {
         match self {

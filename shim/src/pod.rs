@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use devices::block::{BlockConfig, MediaSlot};
@@ -63,7 +63,8 @@ pub struct Pod {
     pub dir: PathBuf,
     /// The task whose deletion ends the VM (the CRI sandbox, or a lone container).
     pub owner: String,
-    machine: Mutex<Option<Machine>>,
+    /// Taken by a clean shutdown, or by the watcher when the VM ends by itself.
+    machine: Arc<Mutex<Option<Machine>>>,
     slots: Mutex<Vec<Slot>>,
     cgroup: Mutex<Option<PodCgroup>>,
     /// The CPU sets of the pod's containers; the VM runs on their union.
@@ -111,6 +112,14 @@ fn console_tail(dir: &Path, n: usize) -> Vec<String> {
         .iter()
         .map(|l| l.to_string())
         .collect()
+}
+
+/// Says in containerd's log how a VM that was not asked to end did, and what the guest said.
+fn log_unexpected_end(pod: &str, how: &str, dir: &Path) {
+    log::error!(
+        "pod {pod}: the VM ended unexpectedly ({how}); console tail: {:?}",
+        console_tail(dir, 8)
+    );
 }
 
 impl Pod {
@@ -189,21 +198,21 @@ impl Pod {
             p.vcpus
         );
         let start = Instant::now();
-        let m = Machine::start(vm, backend, accel)?;
+        let mut m = Machine::start(vm, backend, accel)?;
         let vm_pid = m.pid();
         // For `delete` after a crash of this shim: the VM to kill, the sockets to remove.
         std::fs::write(p.dir.join("vm.pid"), vm_pid.to_string())
             .map_err(ShimError::io("write vm.pid"))?;
         std::fs::write(p.dir.join("shim.pid"), std::process::id().to_string())
             .map_err(ShimError::io("write shim.pid"))?;
-        let agent = match protocol::connect_agent(&uds, Duration::from_secs(cfg.agent_timeout_secs))
-        {
+        let timeout = Duration::from_secs(cfg.agent_timeout_secs);
+        let agent = match protocol::connect_agent_while(&uds, timeout, || m.ended()) {
             Ok(a) => a,
             Err(e) => {
                 m.stop();
                 return Err(ShimError::Vm(format!(
                     "the guest agent did not answer: {e}; console tail: {:?}",
-                    console_tail(&p.dir, 5)
+                    console_tail(&p.dir, 8)
                 )));
             }
         };
@@ -232,12 +241,13 @@ impl Pod {
             vm_pid,
             dir: p.dir,
             owner: p.id,
-            machine: Mutex::new(Some(m)),
+            machine: Arc::new(Mutex::new(Some(m))),
             slots: Mutex::new(slots),
             cgroup: Mutex::new(p.cgroup),
             cpus: Mutex::default(),
             tmpfs: Mutex::default(),
         };
+        pod.watch_vm();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
@@ -395,26 +405,49 @@ impl Pod {
     }
 
     /// Asks the agent to power off, then makes sure the VM is gone and leaves its cgroup.
+    /// Tears the VM down when it ends by itself (guest panic, VMM killed): its devices go
+    /// with it, so every agent call fails and each container's wait reports an exit.
+    fn watch_vm(&self) {
+        let machine = self.machine.clone();
+        let dir = self.dir.clone();
+        let pod = self.owner.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let mut guard = machine.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(m) = guard.as_mut() else { return };
+            if let Some(how) = m.ended() {
+                let m = guard.take();
+                drop(guard);
+                log_unexpected_end(&pod, &how, &dir);
+                if let Some(m) = m {
+                    m.stop();
+                }
+                return;
+            }
+        });
+    }
+
     pub fn shutdown(&self) {
-        let Some(mut m) = self
+        let machine = self
             .machine
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
-            return;
-        };
-        if self.agent.shutdown(ctx(), &Empty::new()).is_ok()
-            && m.wait_timeout(Duration::from_secs(10))
-        {
-            log::info!("pod VM shut down cleanly");
-        } else {
-            log::warn!(
-                "pod VM did not shut down by itself; stopping it; console tail: {:?}",
-                console_tail(&self.dir, 8)
-            );
+            .take();
+        if let Some(mut m) = machine {
+            if let Some(how) = m.ended() {
+                log_unexpected_end(&self.owner, &how, &self.dir);
+            } else if self.agent.shutdown(ctx(), &Empty::new()).is_ok()
+                && m.wait_timeout(Duration::from_secs(10))
+            {
+                log::info!("pod VM shut down cleanly");
+            } else {
+                log::warn!(
+                    "pod VM did not shut down by itself; stopping it; console tail: {:?}",
+                    console_tail(&self.dir, 8)
+                );
+            }
+            m.stop();
         }
-        m.stop();
         drop(self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 }

@@ -156,7 +156,7 @@ pub fn image(layers: &Layers, cache: &Path, scratch_dir: &Path) -> Result<(PathB
         &cache.join(format!("{key}.view.{}", std::process::id())),
     )?;
     let built = run(
-        "mkfs.erofs",
+        &format!("mkfs.erofs into {}", tmp.display()),
         Command::new("mkfs.erofs")
             .arg("--quiet")
             .arg(&tmp)

@@ -35,6 +35,8 @@ pub fn runtime_tables(version: u8) -> String {
 pub struct Containerd {
     pub dir: PathBuf,
     child: Child,
+    /// The network namespace a CRI containerd runs in (`None`: no CRI).
+    cri_netns: Option<String>,
 }
 
 impl Containerd {
@@ -72,7 +74,18 @@ impl Containerd {
     /// [`Containerd::start_cri`] with the pause image and a busybox image tagged `busybox`
     /// (built here) imported into namespace k8s.io.
     pub fn start_cri_with_images(name: &str, netns: &str, busybox: &str) -> Containerd {
-        let c = Self::start_cri(name, netns);
+        Self::start_cri_configured(name, netns, busybox, |c| c)
+    }
+
+    /// [`Containerd::start_cri_with_images`] with the shim's config.toml passed through
+    /// `edit`.
+    pub fn start_cri_configured(
+        name: &str,
+        netns: &str,
+        busybox: &str,
+        edit: impl Fn(String) -> String,
+    ) -> Containerd {
+        let c = Self::start_in(name, Some(netns), edit);
         let pause = c.dir.join("pause.tar");
         crate::images::pause_oci_archive(&pause);
         c.import_cri(&pause);
@@ -140,12 +153,27 @@ impl Containerd {
             }
         }
         fs::write(&config, text).unwrap();
+        let c = Containerd {
+            child: Self::launch(&dir, cri_netns),
+            dir,
+            cri_netns: cri_netns.map(str::to_owned),
+        };
+        c.wait_ready();
+        c
+    }
+
+    /// Starts containerd on the config, shim config and PATH in `dir`.
+    fn launch(dir: &Path, cri_netns: Option<&str>) -> Child {
         let path = format!(
             "{}:{}",
-            bin.display(),
+            dir.join("bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = fs::File::create(dir.join("containerd.log")).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("containerd.log"))
+            .unwrap();
         let mut cmd = match cri_netns {
             // In the test's network namespace, with a private copy of the mount table (the pod
             // netns mounts stay ours) that keeps the host's cgroup mounts, which runc needs
@@ -163,27 +191,52 @@ impl Containerd {
             }
             None => Command::new("containerd"),
         };
-        let child = cmd
-            .arg("--config")
-            .arg(&config)
+        cmd.arg("--config")
+            .arg(dir.join("config.toml"))
             .env("PATH", path)
-            .env("KUBEVIRT_SHIM_CONFIG", &shim_cfg)
+            .env("KUBEVIRT_SHIM_CONFIG", dir.join("shim.toml"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .process_group(0)
             .spawn()
-            .expect("start containerd (apt-get install containerd, or make deps)");
-        let c = Containerd { dir, child };
+            .expect("start containerd (apt-get install containerd, or make deps)")
+    }
+
+    fn wait_ready(&self) {
         let start = Instant::now();
-        while !c.ctr(&["version"]).status.success() {
+        while !self.ctr(&["version"]).status.success() {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "containerd did not come up:\n{}",
-                c.log()
+                self.log()
             );
             thread::sleep(Duration::from_millis(50));
         }
-        c
+    }
+
+    /// Stops containerd (SIGTERM, as systemd does) and starts it again on the same root,
+    /// state and config; the shims, and their pods, run on.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::launch(&self.dir, self.cri_netns.as_deref());
+        self.wait_ready();
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signals our own child (containerd), which then stops.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(10)
+        {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// containerd's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// containerd's mount namespace (a private one in CRI mode), where its shims see mounts.
@@ -283,15 +336,7 @@ impl Drop for Containerd {
                 .filter(|n| n.starts_with("cni-"))
                 .map(str::to_owned)
                 .collect();
-        // SAFETY: signals our own child (containerd), which then stops.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let start = Instant::now();
-        while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(10)
-        {
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         // Mounts containerd left under its root (none when every task was deleted).
         if let Ok(mounts) = fs::read_to_string("/proc/self/mounts") {
             let root = self.dir.display().to_string();

@@ -15,6 +15,7 @@ pub mod containerd;
 pub mod cri;
 pub mod crienv;
 pub mod images;
+pub mod leaks;
 pub mod measure;
 pub mod netns;
 pub mod podbench;

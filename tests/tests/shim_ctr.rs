@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tests::containerd::{tail, Containerd};
 use tests::images;
+use tests::leaks::assert_nothing_left;
 
 const RUNTIME: &str = "io.containerd.kubevirt.v1";
 const IMAGE: &str = "localhost/busybox:test";
@@ -22,34 +23,6 @@ fn containerd_with_image(name: &str) -> Containerd {
     images::busybox_oci_archive(&archive, IMAGE);
     c.import(&archive);
     c
-}
-
-/// Nothing of ours is left: no QEMU of this test's VMs, no pod state, no stray mounts.
-fn assert_clean(c: &Containerd) {
-    let state = c.shim_state();
-    let leftovers: Vec<_> = fs::read_dir(&state)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(leftovers.is_empty(), "pod state left behind: {leftovers:?}");
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-    let dir = c.dir.display().to_string();
-    let ours: Vec<&str> = mounts
-        .lines()
-        .filter(|l| l.contains(&dir) && l.contains("/shim-state"))
-        .collect();
-    assert!(ours.is_empty(), "mounts left behind: {ours:?}");
-    let qemus = Command::new("pgrep")
-        .args(["-f", &format!("{}/shim-state", dir)])
-        .output()
-        .unwrap();
-    assert!(
-        qemus.stdout.is_empty(),
-        "VM processes left behind: {}",
-        String::from_utf8_lossy(&qemus.stdout)
-    );
 }
 
 /// Polls `ctr task ls` until `done` holds (30 s at most).
@@ -177,7 +150,7 @@ fn ctr_run_uname_exit_codes_exec_metrics_kill() {
     wait_task_ls(&c, "the task to stop", |ls| ls.contains("STOPPED"));
     c.ctr_ok(&["task", "delete", "sleeper"]);
     c.ctr_ok(&["container", "delete", "sleeper"]);
-    assert_clean(&c);
+    assert_nothing_left(&c, None);
     assert!(c.image_cache().exists());
 }
 
@@ -220,7 +193,7 @@ fn a_killed_shim_is_cleaned_up_by_task_delete() {
         !tests::cgroups::exists("default/victim"),
         "the dead shim's cgroup is left"
     );
-    assert_clean(&c);
+    assert_nothing_left(&c, None);
     let socket_dirs = vmm::qemu::socket_dirs(pid.parse().unwrap());
     assert!(
         socket_dirs.is_empty(),
@@ -322,7 +295,7 @@ fn containers_of_one_pod_share_one_vm_with_their_own_images() {
     wait_task_ls(&c, "pod1 to stop", |ls| ls.contains("STOPPED"));
     c.ctr_ok(&["task", "delete", "pod1"]);
     c.ctr_ok(&["container", "delete", "pod1"]);
-    assert_clean(&c);
+    assert_nothing_left(&c, None);
 }
 
 /// Runs a container expecting failure; returns ctr's error output.
@@ -360,7 +333,7 @@ fn bad_input_fails_with_a_message_that_names_it() {
         e.contains("guest kernel") && e.contains("/nonexistent/vmlinux"),
         "{e}"
     );
-    assert_clean(&c);
+    assert_nothing_left(&c, None);
     drop(c);
 
     // An unknown option in the shim's configuration.
@@ -383,7 +356,7 @@ fn bad_input_fails_with_a_message_that_names_it() {
         e.contains("mount /run/app.sock") && e.contains("files and directories"),
         "{e}"
     );
-    assert_clean(&c);
+    assert_nothing_left(&c, None);
 }
 
 fn archive_for(c: &Containerd) -> std::path::PathBuf {
@@ -415,5 +388,5 @@ fn ctr_run_with_a_terminal() {
         text.contains("/dev/pts/0\n"),
         "the container's stdio is a terminal in the guest: {text:?}"
     );
-    assert_clean(&c);
+    assert_nothing_left(&c, None);
 }

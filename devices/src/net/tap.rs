@@ -115,7 +115,7 @@ fn open_here(name: &str, netns: &str) -> Result<Tap, NetError> {
     ifr.ifr_ifru.ifru_flags = TAP_FLAGS as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes `ifr`, which lives for the call.
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) })
-        .map_err(err("create or attach it (TUNSETIFF)"))?;
+        .map_err(err("create or attach it through /dev/net/tun (TUNSETIFF)"))?;
     set_vnet_hdr_len(&fd).map_err(err("set the vnet header size (TUNSETVNETHDRSZ)"))?;
     // The kernel fills in templates such as "tap%d".
     let name = ifreq_name(&ifr);

@@ -214,6 +214,7 @@ pub fn serve(
     let public = UnixListener::bind(socket)
         .map_err(|e| listen_err(vhost::vhost_user::Error::SocketError(e)))?;
     let backend_fd: Option<RawFd> = lock(&device).backend_fd();
+    let session_device = device.clone();
     let adapter = Arc::new(Mutex::new(VhostUserDevice::new(device)));
     let queues = lock(&adapter).queue_count();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -244,6 +245,13 @@ pub fn serve(
                 // A frontend that simply went away ends the connection with an error too.
                 log::debug!("vhost-user {log_name}: {e}");
             }
+            // A frontend that died (QEMU killed) never reset the device: do it here, so
+            // its host-side connections (the agent's, the containers' streams) end too, and
+            // stop the library's vring workers, which would otherwise hold the device.
+            for handler in daemon.get_epoll_handlers() {
+                handler.send_exit_event();
+            }
+            lock(&session_device).reset();
         })
         .map_err(|source| VhostUserError::Spawn {
             name: thread_name.clone(),

@@ -1,0 +1,248 @@
+//! Faults through the CRI, as kubelet would meet them: a guest kernel that panics, a guest
+//! that never boots, the VMM killed under a running pod, no tap device, a full disk while the
+//! image is built, containerd restarted under running pods. Each ends in a clear state
+//! reported to containerd, and each test checks that nothing is left behind.
+//!
+//! Needs root, containerd, containernetworking-plugins, qemu-system-x86_64, mkfs.erofs,
+//! `make build` and `make guest`.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::containerd::{tail, Containerd};
+use tests::cri::{self, container_config, pod_config, Cri};
+use tests::crienv::{cri_env, until, IMAGE};
+use tests::leaks::assert_nothing_left;
+
+/// Runs `args` in containerd's mount namespace (where its shims see mounts); asserts success.
+fn in_mount_ns(c: &Containerd, args: &[&str]) {
+    let out = Command::new("nsenter")
+        .arg(format!("--mount={}", c.mount_ns().display()))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Replaces the shim's config with the test's one plus `extra` (each shim reads it at start).
+fn shim_config(c: &Containerd, good: &str, extra: &str) {
+    fs::write(c.dir.join("shim.toml"), format!("{good}{extra}")).unwrap();
+}
+
+/// Runs a pod with a `sleep` container; returns (pod, container, pod config).
+fn pod_with_sleeper(
+    cri: &mut Cri,
+    c: &Containerd,
+    name: &str,
+    logs: &Path,
+) -> (String, String, cri::v1::PodSandboxConfig) {
+    let cfg = pod_config(name, logs);
+    let pod = cri
+        .run_pod(cfg.clone())
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", tail(&c.log(), 40)));
+    let ctr = cri
+        .create_container(
+            &pod,
+            container_config("sleeper", IMAGE, &["sleep", "1000"], vec![]),
+            &cfg,
+        )
+        .unwrap();
+    cri.start_container(&ctr)
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", tail(&c.log(), 40)));
+    (pod, ctr, cfg)
+}
+
+fn remove(cri: &mut Cri, pod: &str) {
+    cri.stop_pod(pod).unwrap();
+    cri.remove_pod(pod).unwrap();
+}
+
+#[test]
+fn a_guest_that_panics_or_never_boots_fails_run_pod_sandbox_with_its_console() {
+    let (ns, c, mut cri) = cri_env("kvpanic");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let good = fs::read_to_string(c.dir.join("shim.toml")).unwrap();
+
+    // No init to run: the kernel panics at boot and (panic=-1) resets the VM at once. The
+    // shim sees the VM end and fails without waiting out the agent timeout (60 s).
+    shim_config(&c, &good, "extra_cmdline = \"rdinit=/nonexistent\"\n");
+    let t0 = Instant::now();
+    let e = cri.run_pod(pod_config("panics", &logs)).unwrap_err();
+    let took = t0.elapsed();
+    println!("  panics: {:.1} s: {}", took.as_secs_f64(), e.message());
+    assert!(
+        e.message().contains("VM ended before its agent answered")
+            && e.message().contains("Kernel panic"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(40), "took {took:?}");
+    assert_nothing_left(&c, Some(&ns));
+
+    // A kernel that waits for a root disk that never comes: the agent timeout ends it.
+    shim_config(
+        &c,
+        &good,
+        "agent_timeout_secs = 8\nextra_cmdline = \"rdinit=/nonexistent root=/dev/vdz rootwait loglevel=7\"\n",
+    );
+    let t0 = Instant::now();
+    let e = cri.run_pod(pod_config("hangs", &logs)).unwrap_err();
+    let took = t0.elapsed();
+    println!("  hangs: {:.1} s: {}", took.as_secs_f64(), e.message());
+    assert!(
+        e.message().contains("agent did not answer")
+            && e.message().contains("within 8s")
+            && e.message().contains("Waiting for root device /dev/vdz"),
+        "{e}"
+    );
+    assert_nothing_left(&c, Some(&ns));
+}
+
+#[test]
+fn a_killed_vmm_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
+    let (ns, c, mut cri) = cri_env("kvvmmkill");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let (pod, ctr, _) = pod_with_sleeper(&mut cri, &c, "victim", &logs);
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &format!("qemu-system.*{}", c.dir.display())])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no VM process to kill");
+    // The container's task exits (255: no status from a dead guest) and the sandbox is no
+    // longer ready: what kubelet needs to restart the pod.
+    let st = until("the container to exit", &c, || {
+        let st = cri.container_status(&ctr).ok()?;
+        (st.state == cri::v1::ContainerState::ContainerExited as i32).then_some(st)
+    });
+    assert_eq!(st.exit_code, 255, "{st:?}");
+    until("the sandbox to be not ready", &c, || {
+        let st = cri.pod_status(&pod).ok()?;
+        (st.state == cri::v1::PodSandboxState::SandboxNotready as i32).then_some(())
+    });
+    assert!(
+        c.log().contains("the VM ended unexpectedly"),
+        "containerd's log does not say why:\n{}",
+        tail(&c.log(), 30)
+    );
+    remove(&mut cri, &pod);
+    assert_nothing_left(&c, Some(&ns));
+}
+
+#[test]
+fn without_a_tap_device_run_pod_sandbox_fails_clearly_and_the_next_pod_runs() {
+    let (ns, c, mut cri) = cri_env("kvnotap");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    // The shims see no tun device (/dev/null in its place, in containerd's mounts only).
+    in_mount_ns(&c, &["mount", "--bind", "/dev/null", "/dev/net/tun"]);
+    let e = cri.run_pod(pod_config("notap", &logs)).unwrap_err();
+    println!("  notap: {}", e.message());
+    in_mount_ns(&c, &["umount", "/dev/net/tun"]);
+    assert!(
+        e.message().contains("tap") && e.message().contains("/dev/net/tun"),
+        "{e}"
+    );
+    assert_nothing_left(&c, Some(&ns));
+    let (pod, _, _) = pod_with_sleeper(&mut cri, &c, "tapped", &logs);
+    remove(&mut cri, &pod);
+    assert_nothing_left(&c, Some(&ns));
+}
+
+#[test]
+fn a_full_disk_while_the_image_is_built_fails_the_container_and_keeps_no_partial_image() {
+    let (ns, c, mut cri) = cri_env("kvdiskfull");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let cache = c.image_cache();
+    fs::create_dir_all(&cache).unwrap();
+    let cache_arg = cache.display().to_string();
+    in_mount_ns(
+        &c,
+        &[
+            "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", &cache_arg,
+        ],
+    );
+    // The pause image is the first one the pod needs.
+    let e = cri.run_pod(pod_config("full", &logs)).unwrap_err();
+    println!("  disk full: {}", e.message());
+    assert!(
+        e.message().contains("No space left on device") && e.message().contains(&cache_arg),
+        "{e}"
+    );
+    assert_nothing_left(&c, Some(&ns));
+    // Room again: the next pod builds its images and runs.
+    in_mount_ns(&c, &["mount", "-o", "remount,size=64m", &cache_arg]);
+    let cfg = pod_config("room", &logs);
+    let pod = cri.run_pod(cfg.clone()).unwrap();
+    let ctr = cri
+        .create_container(
+            &pod,
+            container_config("hello", IMAGE, &["echo", "hello"], vec![]),
+            &cfg,
+        )
+        .unwrap();
+    cri.start_container(&ctr).unwrap();
+    until("the container's output", &c, || {
+        let log = fs::read_to_string(cri::log_file(&logs, "hello")).ok()?;
+        log.contains("hello").then_some(())
+    });
+    remove(&mut cri, &pod);
+    // The tmpfs is in containerd's mount namespace: look through its root.
+    let seen = Path::new(&format!("/proc/{}/root", c.pid())).join(cache.strip_prefix("/").unwrap());
+    let images: Vec<_> = fs::read_dir(&seen)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".erofs"))
+        .collect();
+    assert_eq!(images.len(), 2, "pause and busybox: {images:?}");
+    assert_nothing_left(&c, Some(&ns));
+    in_mount_ns(&c, &["umount", &cache_arg]);
+}
+
+#[test]
+fn a_restarted_containerd_finds_its_pods_running_and_removes_them() {
+    let (ns, mut c, mut cri) = cri_env("kvrestart");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let (pod, ctr, cfg) = pod_with_sleeper(&mut cri, &c, "survivor", &logs);
+    c.restart();
+    let mut cri = Cri::connect(&c.socket()).expect("reconnect to the CRI");
+    let st = cri.pod_status(&pod).unwrap();
+    assert_eq!(
+        st.state,
+        cri::v1::PodSandboxState::SandboxReady as i32,
+        "{st:?}\n{}",
+        tail(&c.log(), 60)
+    );
+    let st = cri.container_status(&ctr).unwrap();
+    assert_eq!(
+        st.state,
+        cri::v1::ContainerState::ContainerRunning as i32,
+        "{st:?}"
+    );
+    let r = cri.exec_sync(&ctr, &["echo", "still-here"]).unwrap();
+    assert_eq!(r.stdout, b"still-here\n");
+    // The pod's shim takes new containers from the new containerd.
+    let late = cri
+        .create_container(
+            &pod,
+            container_config("late", IMAGE, &["echo", "late-container"], vec![]),
+            &cfg,
+        )
+        .unwrap();
+    cri.start_container(&late).unwrap();
+    until("the late container's output", &c, || {
+        let log = fs::read_to_string(cri::log_file(&logs, "late")).ok()?;
+        log.contains("late-container").then_some(())
+    });
+    remove(&mut cri, &pod);
+    assert_nothing_left(&c, Some(&ns));
+}
