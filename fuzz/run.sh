@@ -4,7 +4,8 @@
 # its past crashes (fuzz/regressions/<target>). A crash, a hang (-timeout) or a memory blow-up
 # fails the run; the input that did it is left under fuzz/artifacts/<target>/.
 #
-# FUZZ_RUNS multiplies every target's input count (default 1); FUZZ_TARGETS picks targets.
+# FUZZ_RUNS multiplies every target's input count (default 1); FUZZ_TARGETS picks targets;
+# FUZZ_SEED sets libFuzzer's seed (default 1; 0 = random).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -24,6 +25,8 @@ declare -A RUNS=(
 declare -A NO_LEAK_CHECK=([agent_messages]=1)
 targets=${FUZZ_TARGETS:-virtio_blk virtio_net_tx virtio_net_rx vsock_packet virtio_rng agent_messages}
 scale=${FUZZ_RUNS:-1}
+# A fixed seed keeps the CI gate repeatable; FUZZ_SEED=0 lets libFuzzer pick one (to explore).
+seed=${FUZZ_SEED:-1}
 
 # cargo-fuzz needs nightly's -Z flags; without a nightly toolchain, stable takes them with
 # RUSTC_BOOTSTRAP (it ships the same sanitizer runtime).
@@ -55,7 +58,7 @@ for t in $targets; do
     start=$SECONDS
     # libFuzzer prints its progress (coverage, corpus, inputs per second) as it goes.
     if (cd fuzz && env "${envs[@]}" cargo $toolchain fuzz run --debug-assertions "$t" \
-        "${dirs[@]}" -- -runs="$runs" -timeout=10 -max_len=4096 "${flags[@]}"); then
+        "${dirs[@]}" -- -runs="$runs" -seed="$seed" -timeout=10 -max_len=4096 "${flags[@]}"); then
         echo "fuzz: $t passed in $((SECONDS - start)) s"
     else
         echo "fuzz: $t FAILED; the input is under fuzz/artifacts/$t/" >&2

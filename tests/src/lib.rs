@@ -14,6 +14,7 @@ pub mod cgroups;
 pub mod containerd;
 pub mod cri;
 pub mod crienv;
+pub mod density;
 pub mod images;
 pub mod leaks;
 pub mod measure;
