@@ -11,6 +11,7 @@ mod machine;
 mod metrics;
 mod mounts;
 mod network;
+mod phases;
 mod pod;
 mod rootfs;
 mod rpc;

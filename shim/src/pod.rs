@@ -21,6 +21,7 @@ use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
 use crate::machine::{self, Machine};
 use crate::network::{self, PodNetwork};
+use crate::phases::Phases;
 
 /// Host vsock port the agent streams its log to.
 const AGENT_LOG_PORT: u32 = 1025;
@@ -123,12 +124,13 @@ fn log_unexpected_end(pod: &str, how: &str, dir: &Path) {
 }
 
 impl Pod {
-    pub fn boot(cfg: &ShimConfig, p: PodSpec) -> Result<Pod> {
+    pub fn boot(cfg: &ShimConfig, p: PodSpec, phases: &mut Phases) -> Result<Pod> {
         cfg.check_guest()?;
         let uds = p.dir.join("vsock.sock");
         forward_agent_log(&uds, p.id.clone())?;
         let (backend, accel, why) =
             machine::choose(cfg.machine, &machine::calibration_cache(&cfg.state_dir))?;
+        phases.mark("machine choice");
         // The guest ends the VM by resetting it. Our VMM sees the i8042 reset; on QEMU TCG
         // a 1-vCPU guest whose agent resets through the i8042 was seen spinning after
         // "Restarting system", while a triple fault always resets (-no-reboot: QEMU exits).
@@ -187,6 +189,7 @@ impl Pod {
             id: Some(SCRATCH_ID.into()),
             slot: None,
         });
+        phases.mark("disks");
         vm.vsock = Some(VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: uds.clone(),
@@ -199,6 +202,7 @@ impl Pod {
         );
         let start = Instant::now();
         let mut m = Machine::start(vm, backend, accel)?;
+        phases.mark("VM start");
         let vm_pid = m.pid();
         // For `delete` after a crash of this shim: the VM to kill, the sockets to remove.
         std::fs::write(p.dir.join("vm.pid"), vm_pid.to_string())
@@ -217,6 +221,7 @@ impl Pod {
             }
         };
         let boot = start.elapsed();
+        phases.mark("guest boot to agent");
         log::info!(
             "pod {}: agent ready {} ms after VM start",
             p.id,
@@ -261,6 +266,7 @@ impl Pod {
             pod.shutdown();
             return Err(ShimError::agent("sandbox setup")(e));
         }
+        phases.mark("sandbox setup");
         if let Some(n) = &p.network {
             let wired = network::connect_tap(n).and_then(|()| {
                 pod.agent
@@ -272,6 +278,7 @@ impl Pod {
                 pod.shutdown();
                 return Err(e);
             }
+            phases.mark("network");
             log::info!(
                 "pod {}: network {:?} via {} and {}",
                 pod.owner,

@@ -28,6 +28,7 @@ use crate::error::{Result, ShimError};
 use crate::exporter;
 use crate::mounts;
 use crate::network;
+use crate::phases::Phases;
 use crate::pod::{ctx, Pod, PodSpec, SCRATCH_ID};
 use crate::rootfs;
 use crate::stdio::{Pumps, StdioPaths};
@@ -210,10 +211,12 @@ impl TaskService {
             return Ok((p.clone(), false));
         }
         let sandbox = spec["annotations"][CONTAINER_TYPE] == "sandbox";
+        let mut phases = Phases::default();
         let network = match network::netns_of(spec, sandbox)? {
             Some(ns) => Some(network::discover(&ns)?),
             None => None,
         };
+        phases.mark("network discovery");
         let dir = state_dir(cfg, &self.namespace, &req.id);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(ShimError::io(format!("create {}", dir.display())))?;
@@ -224,6 +227,7 @@ impl TaskService {
             };
             let limits = cgroup.as_ref().map(PodCgroup::limits).unwrap_or_default();
             let (memory_mib, vcpus) = vm_size(spec, cfg, limits)?;
+            phases.mark("cgroup");
             Pod::boot(
                 cfg,
                 PodSpec {
@@ -236,10 +240,12 @@ impl TaskService {
                     cgroup,
                     labels: metric_labels(&req.id, spec),
                 },
+                &mut phases,
             )
         })();
         match booted {
             Ok(p) => {
+                log::info!("pod {}: boot phases: {}", req.id, phases.line());
                 let p = Arc::new(p);
                 self.watch_oom(&p);
                 *pod = Some(p.clone());
@@ -276,11 +282,17 @@ impl TaskService {
             .filter(|c| !c.is_empty())
             .map(str::to_owned);
         let alive = Arc::new(AtomicBool::new(true));
+        let mut phases = Phases::default();
         let created = (|| {
             pod.set_container_cpus(&req.id, cpus.as_deref())?;
             let own = pod.dir.join(&req.id);
             fs::create_dir_all(&own).map_err(ShimError::io(format!("create {}", own.display())))?;
             let (image, cached) = rootfs::image(&layers, &cfg.image_cache, &own)?;
+            phases.mark(if cached {
+                "image (cached)"
+            } else {
+                "image (built)"
+            });
             log::info!(
                 "container {}: image {} ({})",
                 req.id,
@@ -294,6 +306,7 @@ impl TaskService {
             for (name, bytes) in &needs.tmpfs {
                 pod.mount_tmpfs(name, *bytes)?;
             }
+            phases.mark("files");
             let mut spec = spec;
             for (index, v) in &needs.volumes {
                 let slot = pod.attach_volume(&v.host, v.read_only)?;
@@ -302,6 +315,7 @@ impl TaskService {
             let spec_bytes = serde_json::to_vec(&spec)
                 .map_err(|e| ShimError::invalid("OCI spec", e.to_string()))?;
             let slot = pod.attach_image(&image)?;
+            phases.mark("volumes and image slot");
             let create = CreateContainerRequest {
                 container_id: req.id.clone(),
                 oci_spec: spec_bytes.clone(),
@@ -317,6 +331,7 @@ impl TaskService {
                 pod.detach_image(&slot);
                 return Err(ShimError::agent("create container")(e));
             }
+            phases.mark("agent create");
             Ok(slot)
         })();
         let slot = match created {
@@ -331,6 +346,7 @@ impl TaskService {
                 return Err(e);
             }
         };
+        log::info!("container {}: create phases: {}", req.id, phases.line());
         let io = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -382,6 +398,7 @@ impl TaskService {
 
     pub(crate) fn start_process(&self, t: &Arc<Task>, p: &Arc<Proc>) -> Result<u32> {
         let agent = &t.pod.agent;
+        let mut phases = Phases::default();
         let guest_pid = if p.exec_id.is_empty() {
             agent
                 .start_container(
@@ -407,6 +424,10 @@ impl TaskService {
                 .pid
         };
         p.started(guest_pid);
+        if p.exec_id.is_empty() {
+            phases.mark("agent start");
+            log::info!("container {}: start phases: {}", t.id, phases.line());
+        }
         let pumps = Pumps::start(agent, &t.id, &p.exec_id, &p.io);
         // Exit is reported after the output reached containerd, so nothing is cut off.
         let (agent, publisher, ns, task, proc_) = (

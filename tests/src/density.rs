@@ -122,14 +122,11 @@ pub struct Memory {
     pub pss: u64,
 }
 
-/// The memory of every shim and VM process of `c`'s pods.
-pub fn pod_processes_memory(c: &Containerd) -> Memory {
+/// The memory of every shim process, and of every VM process, of `c`'s pods.
+pub fn pod_processes_memory(c: &Containerd) -> (Memory, Memory) {
     let dir = c.dir.display().to_string();
-    let mut m = Memory::default();
-    for pattern in [
-        format!("containerd-shim-kubevirt-v1 .*{dir}"),
-        format!("qemu-system.*{dir}"),
-    ] {
+    let sum = |pattern: String| {
+        let mut m = Memory::default();
         let out = std::process::Command::new("pgrep")
             .args(["-f", &pattern])
             .output()
@@ -150,6 +147,112 @@ pub fn pod_processes_memory(c: &Containerd) -> Memory {
             m.rss += kib("Rss:") << 10;
             m.pss += kib("Pss:") << 10;
         }
+        m
+    };
+    (
+        sum(format!("containerd-shim-kubevirt-v1 .*{dir}")),
+        sum(format!("qemu-system.*{dir}")),
+    )
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// Appends the memory-per-pod and density sections to the benchmark report.
+pub fn density_section(r: &mut String, pods: usize, image: &str, progress: &dyn Fn(&str)) {
+    use std::fmt::Write as _;
+    let ns = crate::netns::NetNs::new("kvdensity");
+    ns.exec(&["ip", "link", "set", "lo", "up"]);
+    let c = Containerd::start_cri_with_images("density", &ns.name, image);
+    let cfg_path = c.dir.join("shim.toml");
+    let base = std::fs::read_to_string(&cfg_path).expect("shim config");
+    let _ = writeln!(
+        r,
+        "## Memory per idle pod (busybox, `sleep`; qemu back end here)\n"
+    );
+    let _ = writeln!(
+        r,
+        "| guest memory | shim RSS / PSS | VM process (QEMU) RSS / PSS | host PSS per pod |"
+    );
+    let _ = writeln!(r, "| --- | --- | --- | --- |");
+    for guest_mib in [128u64, 512] {
+        progress(&format!("memory of an idle pod with {guest_mib} MiB ..."));
+        std::fs::write(
+            &cfg_path,
+            format!("{base}default_memory_mib = {guest_mib}\n"),
+        )
+        .expect("shim config");
+        let batch = start_pods(&c, &format!("mem{guest_mib}"), 1, image);
+        if let Some(e) = batch.failed.first() {
+            let _ = writeln!(r, "| {guest_mib} MiB | failed: {e} | - | - |");
+            continue;
+        }
+        // Idle: the guest has booted and the container sleeps.
+        std::thread::sleep(Duration::from_secs(3));
+        let (shim, vm) = pod_processes_memory(&c);
+        let _ = writeln!(
+            r,
+            "| {guest_mib} MiB | {} / {} | {} / {} | {} |",
+            mib(shim.rss),
+            mib(shim.pss),
+            mib(vm.rss),
+            mib(vm.pss),
+            mib(shim.pss + vm.pss)
+        );
+        let pods: Vec<String> = batch.started.iter().map(|s| s.pod.clone()).collect();
+        remove_pods(&c, &pods);
     }
-    m
+    std::fs::write(&cfg_path, &base).expect("shim config");
+    let _ = writeln!(
+        r,
+        "\nThe shim is our code (its device back ends serve QEMU over vhost-user); the VM \
+         process is QEMU with TCG here, whose RSS includes the guest memory the guest touched \
+         and TCG's translation cache. On a native-KVM host the builtin VMM runs inside the shim \
+         (see the VMM section for its own overhead).\n"
+    );
+
+    progress(&format!("density: {pods} pods at once ..."));
+    let batch = start_pods(&c, "dense", pods, image);
+    let (shim, vm) = pod_processes_memory(&c);
+    let mut took: Vec<Duration> = batch.started.iter().map(|s| s.took).collect();
+    took.sort();
+    let ids: Vec<String> = batch.started.iter().map(|s| s.pod.clone()).collect();
+    let t0 = Instant::now();
+    let remove_errors = remove_pods(&c, &ids);
+    let removal = t0.elapsed();
+    let _ = writeln!(
+        r,
+        "## Density: {pods} pods started at once through the CRI\n"
+    );
+    let _ = writeln!(
+        r,
+        "| pods running | wall time to all outputs | fastest / slowest pod | host PSS per pod (shim + VM) | removal of all |"
+    );
+    let _ = writeln!(r, "| --- | --- | --- | --- | --- |");
+    let n = batch.started.len().max(1) as u64;
+    let _ = writeln!(
+        r,
+        "| {} of {pods} | {:.1} s | {:.1} s / {:.1} s | {} + {} | {:.1} s{} |",
+        batch.started.len(),
+        batch.wall.as_secs_f64(),
+        took.first().map_or(0.0, |d| d.as_secs_f64()),
+        took.last().map_or(0.0, |d| d.as_secs_f64()),
+        mib(shim.pss / n),
+        mib(vm.pss / n),
+        removal.as_secs_f64(),
+        if remove_errors.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} failed)", remove_errors.len())
+        }
+    );
+    for e in batch.failed.iter().chain(&remove_errors) {
+        let _ = writeln!(r, "\n- {e}");
+    }
+    let _ = writeln!(
+        r,
+        "\n{pods} TCG guests boot on this host's CPUs at once, so the wall time is CPU-bound \
+         here; on a native-KVM host guest boot is a small part of it.\n"
+    );
 }

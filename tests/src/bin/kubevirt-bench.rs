@@ -132,6 +132,14 @@ fn main() {
     if want("pod") {
         tests::podbench::pod_section(&mut r, flag(&args, "--pod-runs").unwrap_or(5), &progress);
     }
+    if want("density") {
+        tests::density::density_section(
+            &mut r,
+            flag(&args, "--pods").unwrap_or(20),
+            "localhost/busybox:bench",
+            &progress,
+        );
+    }
     if want("blk") {
         blk_section(
             &mut r,
