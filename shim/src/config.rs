@@ -55,6 +55,9 @@ pub struct ShimConfig {
     pub agent_timeout_secs: u64,
     /// Appended to the guest kernel command line (e.g. `agent.log=debug`).
     pub extra_cmdline: String,
+    /// Cap of the guest console log (KiB): past it the log starts anew, keeping the previous
+    /// one, so a guest flooding its console uses at most twice this on disk.
+    pub console_log_kib: u64,
 }
 
 impl Default for ShimConfig {
@@ -73,6 +76,7 @@ impl Default for ShimConfig {
             slot_gib: 64,
             agent_timeout_secs: 60,
             extra_cmdline: String::new(),
+            console_log_kib: 1024,
         }
     }
 }
@@ -90,10 +94,11 @@ impl ShimConfig {
             || c.scratch_mib == 0
             || c.disk_slots == 0
             || c.slot_gib == 0
+            || c.console_log_kib == 0
         {
             return Err(ShimError::invalid(
                 format!("shim config {}", origin.display()),
-                "default_vcpus, scratch_mib, disk_slots and slot_gib must be at least 1, default_memory_mib at least 64",
+                "default_vcpus, scratch_mib, disk_slots, slot_gib and console_log_kib must be at least 1, default_memory_mib at least 64",
             ));
         }
         Ok(c)

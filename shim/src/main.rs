@@ -4,6 +4,7 @@
 mod affinity;
 mod cgroup;
 mod config;
+mod console;
 mod error;
 mod exporter;
 mod lifecycle;

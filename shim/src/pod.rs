@@ -2,7 +2,7 @@
 //! shuts it down cleanly (or kills it).
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ use vmm::{SerialOutput, VmConfig};
 
 use crate::cgroup::{self, PodCgroup};
 use crate::config::ShimConfig;
+use crate::console;
 use crate::error::{Result, ShimError};
 use crate::machine::{self, Machine};
 use crate::network::{self, PodNetwork};
@@ -91,28 +92,40 @@ pub fn ctx() -> context::Context {
     context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
 }
 
+/// The longest agent log line passed on whole.
+const MAX_LOG_LINE: u64 = 16 << 10;
+
 /// Forwards the agent's log lines into the shim's log (containerd's log).
 fn forward_agent_log(uds: &Path, pod: String) -> Result<()> {
     let path = format!("{}_{AGENT_LOG_PORT}", uds.display());
     let listener = UnixListener::bind(&path).map_err(ShimError::io(format!("bind {path}")))?;
     std::thread::spawn(move || {
         if let Ok((s, _)) = listener.accept() {
-            for line in BufReader::new(s).lines().map_while(|l| l.ok()) {
-                log::info!("pod {pod}: guest: {line}");
+            // Lines are cut at MAX_LOG_LINE: a guest that never sends a newline must not
+            // grow our memory.
+            let mut r = BufReader::new(s);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match (&mut r).take(MAX_LOG_LINE).read_until(b'\n', &mut line) {
+                    Ok(1..) => log::info!(
+                        "pod {pod}: guest: {}",
+                        String::from_utf8_lossy(&line).trim_end()
+                    ),
+                    _ => break,
+                }
             }
         }
     });
     Ok(())
 }
 
+/// The guest's console, capped (see console.rs).
+const CONSOLE_LOG: &str = "console.log";
+
 /// The last `n` lines the guest wrote on its console.
 fn console_tail(dir: &Path, n: usize) -> Vec<String> {
-    let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
-    let lines: Vec<&str> = console.lines().collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|l| l.to_string())
-        .collect()
+    console::tail(&dir.join(CONSOLE_LOG), n)
 }
 
 /// Says in containerd's log how a VM that was not asked to end did, and what the guest said.
@@ -148,7 +161,8 @@ impl Pod {
         .to_owned();
         vm.memory_mib = p.memory_mib;
         vm.vcpus = p.vcpus;
-        vm.serial_output = SerialOutput::File(p.dir.join("console.log"));
+        let console = console::start(&p.dir.join(CONSOLE_LOG), cfg.console_log_kib << 10)?;
+        vm.serial_output = SerialOutput::Writer(Box::new(console));
         // Image slots (sparse placeholders fix their capacity) and the shared scratch disk.
         let mut slots = Vec::new();
         for i in 0..cfg.disk_slots {
