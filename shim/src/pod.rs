@@ -153,6 +153,8 @@ impl Pod {
         };
         let mut vm = VmConfig::new(&cfg.kernel);
         vm.initrd = Some(cfg.initramfs.clone());
+        // `ps` shows which pod a QEMU serves.
+        vm.name = format!("kubevirt-pod:{}", p.dir.display());
         vm.cmdline = format!(
             "console=ttyS0 reboot={reboot} panic=-1 quiet {}",
             cfg.extra_cmdline

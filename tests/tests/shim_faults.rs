@@ -1,4 +1,4 @@
-//! Faults through the CRI, as kubelet would meet them: a guest kernel that panics, a guest
+//! Faults through the CRI, as kubelet would meet them (and the VM process's confinement): a guest kernel that panics, a guest
 //! that never boots, the VMM killed under a running pod, no tap device, a full disk while the
 //! image is built, containerd restarted under running pods. Each ends in a clear state
 //! reported to containerd, and each test checks that nothing is left behind.
@@ -110,6 +110,24 @@ fn a_killed_vmm_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
     let logs = c.dir.join("pod-logs");
     fs::create_dir_all(&logs).unwrap();
     let (pod, ctr, _) = pod_with_sleeper(&mut cri, &c, "victim", &logs);
+    // The VM process runs confined: no capabilities, no way to gain one, QEMU's seccomp.
+    let vm = Command::new("pgrep")
+        .args(["-f", &format!("qemu-system.*{}", c.dir.display())])
+        .output()
+        .unwrap();
+    let vm = String::from_utf8_lossy(&vm.stdout).trim().to_owned();
+    let status = fs::read_to_string(format!("/proc/{vm}/status")).unwrap();
+    for want in [
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+        "NoNewPrivs:\t1",
+        "Seccomp:\t2",
+    ] {
+        assert!(
+            status.contains(want),
+            "VM process {vm}: no {want:?} in\n{status}"
+        );
+    }
     let killed = Command::new("pkill")
         .args(["-9", "-f", &format!("qemu-system.*{}", c.dir.display())])
         .status()
@@ -215,7 +233,8 @@ fn a_restarted_containerd_finds_its_pods_running_and_removes_them() {
     let (pod, ctr, cfg) = pod_with_sleeper(&mut cri, &c, "survivor", &logs);
     c.restart();
     let mut cri = Cri::connect(&c.socket()).expect("reconnect to the CRI");
-    let st = cri.pod_status(&pod).unwrap();
+    // The CRI answers "not initialized" while it reloads its state (kubelet retries too).
+    let st = until("the CRI to come back", &c, || cri.pod_status(&pod).ok());
     assert_eq!(
         st.state,
         cri::v1::PodSandboxState::SandboxReady as i32,

@@ -108,7 +108,10 @@ fn a_guest_flooding_its_console_keeps_the_shim_small_and_the_log_capped() {
         "the console tail shows the flood: {e}"
     );
     assert!(peak.rotated, "the flood never filled the log: {peak:?}");
-    assert!(peak.console_bytes <= (2 * CONSOLE_CAP_KIB) << 10, "{peak:?}");
+    assert!(
+        peak.console_bytes <= (2 * CONSOLE_CAP_KIB) << 10,
+        "{peak:?}"
+    );
     assert!(
         peak.shim_anon > 0 && peak.shim_anon <= SHIM_BOUND,
         "{peak:?}"

@@ -138,6 +138,9 @@ impl std::fmt::Debug for SerialOutput {
 /// A microVM to build.
 #[derive(Debug)]
 pub struct VmConfig {
+    /// What the VM is called where a process shows it (QEMU's `-name`, so `ps` tells whose
+    /// VM a QEMU process is).
+    pub name: String,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
@@ -163,6 +166,7 @@ impl VmConfig {
     /// A 1-vCPU, 128 MiB VM for `kernel` with the default command line and console on stdout.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
+            name: "kubevirt".into(),
             kernel: kernel.into(),
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_string(),

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod builder;
 pub mod bus;
 pub mod config;
+pub mod confine;
 pub mod doctor;
 pub mod guests;
 pub mod legacy;

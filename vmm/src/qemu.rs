@@ -4,6 +4,7 @@
 //! under any KVM VMM.
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -127,15 +128,18 @@ impl QemuVm {
                 "-display",
                 "none",
                 "-no-reboot",
-                // vCPU threads named `CPU <n>/TCG` (or /KVM), so that they can be pinned.
-                "-name",
-                "kubevirt,debug-threads=on",
                 // Modern virtio-mmio (version 2): our devices are virtio 1.x only.
                 "-global",
                 "virtio-mmio.force-legacy=false",
             ]
             .map(String::from),
         );
+        // vCPU threads named `CPU <n>/TCG` (or /KVM), so that they can be pinned.
+        args.push("-name".into());
+        args.push(format!(
+            "{},debug-threads=on",
+            config.name.replace(',', ",,")
+        ));
         args.push("-kernel".into());
         args.push(config.kernel.display().to_string());
         if let Some(initrd) = &config.initrd {
@@ -179,8 +183,13 @@ impl QemuVm {
         };
         args.push("-serial".into());
         args.push(serial);
+        args.push("-sandbox".into());
+        args.push(crate::confine::QEMU_SANDBOX.into());
         let mut cmd = Command::new(QEMU);
         cmd.args(&args).stdin(Stdio::null());
+        // SAFETY: drop_all_capabilities makes raw system calls only (no allocation, no lock),
+        // as the child of a threaded process must until it execs.
+        unsafe { cmd.pre_exec(crate::confine::drop_all_capabilities) };
         if writer.is_some() {
             cmd.stdout(Stdio::piped());
         }
