@@ -13,6 +13,7 @@ pkgs=(
   protobuf-compiler                            # the CRI client of the tests (k8s-cri builds its protos)
   python3-venv                                 # the manifests' schema check (kubernetes-validate)
   curl                                         # containerd 2.x below
+  librsvg2-bin fonts-dejavu-core               # the benchmark report's PNG chart (rsvg-convert)
 )
 # kubectl for the manifests' `apply --dry-run=client` test: Debian's, unless one is there.
 command -v kubectl >/dev/null || pkgs+=(kubernetes-client)

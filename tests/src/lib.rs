@@ -10,7 +10,9 @@ use vmm::{SerialOutput, VmConfig, VmExit};
 
 pub mod agent;
 pub mod blkbench;
+pub mod bootbench;
 pub mod cgroups;
+pub mod chart;
 pub mod containerd;
 pub mod cri;
 pub mod crienv;
@@ -18,6 +20,7 @@ pub mod density;
 pub mod images;
 pub mod leaks;
 pub mod measure;
+pub mod netbench;
 pub mod netns;
 pub mod podbench;
 pub mod stream;

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::blkbench::{self, Backend, Image, Outcome, WORKLOADS};
+use tests::chart::Ratio;
 use tests::measure::{self, median, Sample};
 use vmm::{SerialOutput, VmConfig};
 
@@ -124,13 +125,36 @@ fn main() {
     }
     let only: Option<String> = flag(&args, "--only");
     let mut r = String::new();
+    let mut chart: Vec<Ratio> = Vec::new();
     let _ = writeln!(r, "# kubevirt-shim benchmark report\n");
     let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
     if want("vmm") {
-        vmm_section(&mut r, flag(&args, "--runs").unwrap_or(15));
+        vmm_section(&mut r, flag(&args, "--runs").unwrap_or(15), &mut chart);
+    }
+    if want("kernel") {
+        let doctor = Command::new(bin("kubevirt-vmm"))
+            .args(["doctor", "--verdict"])
+            .output()
+            .unwrap();
+        let native = String::from_utf8_lossy(&doctor.stdout).trim() == "builtin";
+        progress("real kernel early boot ...");
+        tests::bootbench::kernel_section(
+            &mut r,
+            flag(&args, "--kernel-runs").unwrap_or(3),
+            native,
+            &mut chart,
+        );
     }
     if want("pod") {
         tests::podbench::pod_section(&mut r, flag(&args, "--pod-runs").unwrap_or(5), &progress);
+    }
+    if want("net") {
+        tests::netbench::throughput_section(
+            &mut r,
+            flag(&args, "--net-rounds").unwrap_or(3),
+            "localhost/busybox:bench",
+            &progress,
+        );
     }
     if want("density") {
         tests::density::density_section(
@@ -145,11 +169,26 @@ fn main() {
             &mut r,
             flag(&args, "--blk-rounds").unwrap_or(3),
             Duration::from_secs_f64(flag(&args, "--blk-secs").unwrap_or(3.0)),
+            &mut chart,
         );
     }
-    println!("{r}");
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
+    if !chart.is_empty() {
+        match tests::chart::write(&chart, &dir, "chart") {
+            Ok(()) => {
+                let _ = writeln!(
+                    r,
+                    "## Chart\n\n![ours vs the peers](chart.png)\n\nEach bar: how many times \
+                     better ours is than the peer in this run (green where it meets its target).\n"
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(r, "## Chart\n\nnot drawn: {e}\n");
+            }
+        }
+    }
+    println!("{r}");
     std::fs::write(dir.join("report.md"), &r).unwrap();
     progress(&format!(
         "report written to {}",
@@ -158,7 +197,7 @@ fn main() {
 }
 
 /// Exec-to-exit time, CPU and peak RSS of our VMM next to QEMU and a minimal floor VMM.
-fn vmm_section(r: &mut String, runs: usize) {
+fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
     let guest = vmm::guests::test_guest("hello");
     let (vmm_bin, floor_bin) = (bin("kubevirt-vmm"), bin("kubevirt-min-vmm"));
     let doctor = Command::new(&vmm_bin)
@@ -293,6 +332,28 @@ fn vmm_section(r: &mut String, runs: usize) {
         "- peak RSS: {rss_mib:.2} MiB (target <= 2.5 MiB): {}",
         verdict(rss_mib <= 2.5)
     );
+    chart.extend([
+        Ratio::new(
+            "VMM exec -> exit, vs QEMU microvm",
+            qemu.wall.as_secs_f64() / ours.wall.as_secs_f64(),
+            1.0,
+        ),
+        Ratio::new(
+            "VMM CPU time, vs QEMU microvm",
+            qemu.cpu.as_secs_f64() / ours.cpu.as_secs_f64().max(1e-6),
+            1.0,
+        ),
+        Ratio::new(
+            "VMM peak RSS, vs QEMU microvm",
+            qemu.rss_kib.unwrap_or(0) as f64 / ours.rss_kib.unwrap_or(1).max(1) as f64,
+            1.0,
+        ),
+        Ratio::new(
+            "VMM CPU time, vs the minimal VMM (floor)",
+            1.0 / cpu_ratio,
+            1.0 / 1.2,
+        ),
+    ]);
     let _ = writeln!(
         r,
         "- vs QEMU microvm: {:.1}x less wall time, {:.1}x less CPU, {:.1}x less peak RSS",
@@ -319,7 +380,7 @@ fn median_outcomes(rounds: &[Vec<Outcome>]) -> Vec<Outcome> {
 }
 
 /// Our vhost-user-blk back end next to qemu-storage-daemon's, driven by the same harness.
-fn blk_section(r: &mut String, rounds: usize, secs: Duration) {
+fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ratio>) {
     const IMAGE_MIB: u64 = 256;
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
@@ -393,6 +454,11 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration) {
     for (i, w) in WORKLOADS.iter().enumerate() {
         let (o, q) = (&ours[i], &qsd[i]);
         let ratio = o.iops / q.iops.max(1e-9);
+        chart.push(Ratio::new(
+            format!("vhost-user-blk {}, vs qemu-storage-daemon", w.name),
+            ratio,
+            1.0,
+        ));
         worst = worst.min(ratio);
         if ratio < 1.0 {
             behind.push(format!("{} ({ratio:.2}x)", w.name));
