@@ -75,6 +75,18 @@ fn main() {
         eprintln!("kubevirt-agent is the guest's init: it must run as PID 1 inside the pod VM");
         std::process::exit(1);
     }
+    // Rust starts us with SIGPIPE ignored, and containers would inherit that through fork
+    // and exec (a `yes | head` pipeline would never end). PID 1 never dies of a signal it
+    // has no handler for, so the default costs the agent nothing.
+    // SAFETY: setting a signal's disposition to the default, before any thread starts.
+    if let Err(e) = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    } {
+        log::warn!("cannot restore SIGPIPE's default: {e}");
+    }
     if let Err(e) = serve() {
         log::error!("{e}; shutting the VM down");
         power_off();
