@@ -32,7 +32,7 @@ fn escape(s: &str) -> String {
 
 /// The chart as SVG: bars on a log scale from 1/8x to 64x, a line at 1x, a tick per target.
 pub fn svg(ratios: &[Ratio]) -> String {
-    const LABEL_W: f64 = 430.0;
+    const LABEL_W: f64 = 470.0;
     const BAR_W: f64 = 520.0;
     const ROW_H: f64 = 28.0;
     const TOP: f64 = 50.0;

@@ -455,7 +455,7 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
         let (o, q) = (&ours[i], &qsd[i]);
         let ratio = o.iops / q.iops.max(1e-9);
         chart.push(Ratio::new(
-            format!("vhost-user-blk {}, vs qemu-storage-daemon", w.name),
+            format!("blk {}, vs qemu-storage-daemon", w.name),
             ratio,
             1.0,
         ));
