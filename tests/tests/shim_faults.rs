@@ -58,6 +58,30 @@ fn pod_with_sleeper(
     (pod, ctr, cfg)
 }
 
+/// Runs container `name` echoing `text` in `pod` and waits for the text in its CRI log.
+fn echo_in(
+    cri: &mut Cri,
+    c: &Containerd,
+    pod: &str,
+    cfg: &cri::v1::PodSandboxConfig,
+    logs: &Path,
+    name: &str,
+    text: &str,
+) {
+    let ctr = cri
+        .create_container(
+            pod,
+            container_config(name, IMAGE, &["echo", text], vec![]),
+            cfg,
+        )
+        .unwrap();
+    cri.start_container(&ctr).unwrap();
+    until(&format!("{name}'s output"), c, || {
+        let log = fs::read_to_string(cri::log_file(logs, name)).ok()?;
+        log.contains(text).then_some(())
+    });
+}
+
 fn remove(cri: &mut Cri, pod: &str) {
     cri.stop_pod(pod).unwrap();
     cri.remove_pod(pod).unwrap();
@@ -199,18 +223,7 @@ fn a_full_disk_while_the_image_is_built_fails_the_container_and_keeps_no_partial
     in_mount_ns(&c, &["mount", "-o", "remount,size=64m", &cache_arg]);
     let cfg = pod_config("room", &logs);
     let pod = cri.run_pod(cfg.clone()).unwrap();
-    let ctr = cri
-        .create_container(
-            &pod,
-            container_config("hello", IMAGE, &["echo", "hello"], vec![]),
-            &cfg,
-        )
-        .unwrap();
-    cri.start_container(&ctr).unwrap();
-    until("the container's output", &c, || {
-        let log = fs::read_to_string(cri::log_file(&logs, "hello")).ok()?;
-        log.contains("hello").then_some(())
-    });
+    echo_in(&mut cri, &c, &pod, &cfg, &logs, "hello", "hello");
     remove(&mut cri, &pod);
     // The tmpfs is in containerd's mount namespace: look through its root.
     let seen = Path::new(&format!("/proc/{}/root", c.pid())).join(cache.strip_prefix("/").unwrap());
@@ -250,18 +263,7 @@ fn a_restarted_containerd_finds_its_pods_running_and_removes_them() {
     let r = cri.exec_sync(&ctr, &["echo", "still-here"]).unwrap();
     assert_eq!(r.stdout, b"still-here\n");
     // The pod's shim takes new containers from the new containerd.
-    let late = cri
-        .create_container(
-            &pod,
-            container_config("late", IMAGE, &["echo", "late-container"], vec![]),
-            &cfg,
-        )
-        .unwrap();
-    cri.start_container(&late).unwrap();
-    until("the late container's output", &c, || {
-        let log = fs::read_to_string(cri::log_file(&logs, "late")).ok()?;
-        log.contains("late-container").then_some(())
-    });
+    echo_in(&mut cri, &c, &pod, &cfg, &logs, "late", "late-container");
     remove(&mut cri, &pod);
     assert_nothing_left(&c, Some(&ns));
 }
