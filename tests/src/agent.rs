@@ -177,7 +177,8 @@ impl GuestVm {
             }
             assert!(
                 Instant::now() < deadline,
-                "VM did not stop after shutdown; console:\n{}",
+                "VM did not stop after shutdown; threads:\n{}console:\n{}",
+                crate::threads::report(self.child.id()),
                 self.console()
             );
             thread::sleep(Duration::from_millis(20));

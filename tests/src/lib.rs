@@ -24,6 +24,7 @@ pub mod netbench;
 pub mod netns;
 pub mod podbench;
 pub mod stream;
+pub mod threads;
 
 /// Path of tiny test guest `name` (assembled from `vmm/guests/<name>.S`).
 pub fn guest(name: &str) -> PathBuf {

@@ -146,8 +146,11 @@ impl QemuVm {
             args.push("-initrd".into());
             args.push(initrd.display().to_string());
         }
+        // microvm has no i8042, so `reboot=k` falls through to a BIOS restart that can spin
+        // in the firmware; a triple fault resets at once, and `-no-reboot` ends QEMU. The
+        // last `reboot=` wins.
         args.push("-append".into());
-        args.push(config.cmdline.clone());
+        args.push(format!("{} reboot=t", config.cmdline));
         let mut servers = Vec::new();
         for (i, (name, device)) in devices.into_iter().enumerate() {
             let kind = crate::bus::lock(&device).device_type();

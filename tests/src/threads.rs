@@ -1,0 +1,52 @@
+//! Where a hung process tree waits: each thread's name, state and kernel wait channel, so a
+//! test that times out on a stuck VMM says which thread blocked where.
+
+use std::fs;
+
+/// One line per thread of `pid` and of its descendants.
+pub fn report(pid: u32) -> String {
+    let mut out = String::new();
+    let mut pending = vec![pid];
+    while let Some(p) = pending.pop() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        let cmd = read(&format!("/proc/{p}/cmdline")).replace('\0', " ");
+        out.push_str(&format!(
+            "process {p}: {}\n",
+            cmd.chars().take(120).collect::<String>()
+        ));
+        for t in tasks.flatten() {
+            let dir = t.path();
+            let field = |f: &str| read(&dir.join(f).to_string_lossy());
+            let state = field("stat")
+                .rsplit(") ")
+                .next()
+                .and_then(|s| s.split(' ').next())
+                .unwrap_or("?")
+                .to_string();
+            let stack: Vec<String> = field("stack")
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+                .take(6)
+                .collect();
+            out.push_str(&format!(
+                "  {} {} {state} wchan={} [{}]\n",
+                t.file_name().to_string_lossy(),
+                field("comm").trim(),
+                field("wchan"),
+                stack.join(" < ")
+            ));
+            for c in field("children").split_whitespace() {
+                if let Ok(c) = c.parse() {
+                    pending.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn read(path: &str) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
