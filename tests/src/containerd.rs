@@ -141,8 +141,13 @@ impl Containerd {
                     .to_string(),
                 )
                 .unwrap();
+                // restrict_oom_score_adj: CRI asks for oom_score_adj -998 for the pause
+                // container, and runc writes it in the container's init; a host without
+                // CAP_SYS_RESOURCE in its bounding set (the CI machines) refuses a lower value
+                // (EACCES), and runc then fails with "can't get final child's PID from pipe".
+                // With it, containerd caps the value at its own score (as in rootless mode).
                 text.push_str(&format!(
-                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"localhost/pause:test\"\n\
+                    "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"localhost/pause:test\"\n  restrict_oom_score_adj = true\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  default_runtime_name = \"runc\"\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
                      [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = {:?}\n",
