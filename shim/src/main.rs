@@ -11,6 +11,7 @@ mod lifecycle;
 mod machine;
 mod metrics;
 mod mounts;
+mod netlink;
 mod network;
 mod phases;
 mod pod;

@@ -1,14 +1,20 @@
 //! The pod's network in the VM: CNI configured a veth in the pod's network namespace; the shim
 //! adds a tap beside it, redirects all traffic between the two with tc (mirred, as Kata's
 //! tcfilter does), gives the guest NIC the veth's MAC, and has the agent apply the veth's
-//! addresses and routes. iproute2 does the namespace-side work.
+//! addresses and routes. Route netlink (`netlink.rs`) does the namespace-side work.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use netlink_packet_route::address::AddressScope;
+use netlink_packet_route::link::{LinkAttribute, LinkLayerType};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use netlink_packet_route::AddressFamily;
 
 use protocol::agent::{ConfigureNetworkRequest, Interface, IpAddress, Route};
 
 use crate::error::{Result, ShimError};
+use crate::netlink::{self, Rtnl};
 
 /// Name of the tap in the pod's network namespace.
 pub const TAP: &str = "tap0_kv";
@@ -25,78 +31,48 @@ pub struct PodNetwork {
     pub routes: Vec<(String, String)>,
 }
 
-fn ip_json(netns: &Path, args: &[&str]) -> Result<serde_json::Value> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .map_err(ShimError::io("run nsenter ip (util-linux, iproute2)"))?;
-    if !out.status.success() {
-        return Err(ShimError::Command {
-            what: format!("ip {} in {}", args.join(" "), netns.display()),
-            why: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| ShimError::invalid("ip -j output", e.to_string()))
-}
-
-fn in_netns(netns: &Path, what: &str, cmd: &[&str]) -> Result<()> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(cmd)
-        .output()
-        .map_err(ShimError::io(format!("run {what}")))?;
-    if !out.status.success() {
-        return Err(ShimError::Command {
-            what: format!("{what} in {}", netns.display()),
-            why: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
-}
-
 /// Reads the pod network CNI made: the one non-loopback link, its addresses and routes.
 pub fn discover(netns: &Path) -> Result<PodNetwork> {
-    let links = ip_json(netns, &["link", "show"])?;
+    let mut nl = Rtnl::open(netns)?;
+    let links = nl.links()?;
     let veth = links
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|l| l["link_type"] == "ether" && l["ifname"] != TAP)
+        .iter()
+        .find(|l| l.header.link_layer_type == LinkLayerType::Ether && netlink::name(l) != Some(TAP))
         .ok_or_else(|| {
             ShimError::invalid(
                 "pod network",
                 format!("no ethernet link in {}", netns.display()),
             )
         })?;
-    let name = veth["ifname"].as_str().unwrap_or_default().to_owned();
-    let mac = veth["address"]
-        .as_str()
-        .and_then(vmm::config::parse_mac)
-        .ok_or_else(|| ShimError::invalid("pod network", format!("link {name} has no MAC")))?;
-    let mtu = veth["mtu"].as_u64().unwrap_or(1500) as u32;
-    let addrs = ip_json(netns, &["addr", "show", "dev", &name])?;
-    let addresses = addrs[0]["addr_info"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|a| a["scope"] == "global")
-        .filter_map(|a| {
-            Some((
-                a["local"].as_str()?.to_owned(),
-                a["prefixlen"].as_u64()? as u32,
-            ))
+    let name = netlink::name(veth).unwrap_or_default().to_owned();
+    let mac = veth
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+            _ => None,
         })
+        .ok_or_else(|| ShimError::invalid("pod network", format!("link {name} has no MAC")))?;
+    let mtu = veth
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+        .unwrap_or(1500);
+    let index = veth.header.index;
+    let addresses = nl
+        .addresses(index)?
+        .iter()
+        .filter(|a| a.header.scope == AddressScope::Universe)
+        .filter_map(|a| Some((netlink::address(a)?.to_string(), a.header.prefix_len.into())))
         .collect();
     let mut routes = Vec::new();
-    for family in ["-4", "-6"] {
-        let r = ip_json(netns, &[family, "route", "show", "dev", &name])?;
-        for route in r.as_array().into_iter().flatten() {
-            if let (Some(dst), Some(gw)) = (route["dst"].as_str(), route["gateway"].as_str()) {
-                routes.push((dst.to_owned(), gw.to_owned()));
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        for r in nl.routes(family)? {
+            if let Some(route) = gateway_route(&r, index) {
+                routes.push(route);
             }
         }
     }
@@ -110,28 +86,55 @@ pub fn discover(netns: &Path) -> Result<PodNetwork> {
     })
 }
 
+/// (destination, gateway) of a main-table route out of link `index` through a gateway, as
+/// `ip route` shows it ("default" or `address/prefix`).
+fn gateway_route(r: &RouteMessage, index: u32) -> Option<(String, String)> {
+    let mut table = u32::from(r.header.table);
+    let (mut oif, mut gateway, mut dst) = (None, None, None);
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(g) => gateway = ip_of(g),
+            RouteAttribute::Destination(d) => dst = ip_of(d),
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || oif != Some(index) {
+        return None;
+    }
+    let len = r.header.destination_prefix_length;
+    let dst = match dst {
+        Some(d) if len > 0 => format!("{d}/{len}"),
+        _ => "default".to_owned(),
+    };
+    Some((dst, gateway?.to_string()))
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
 /// Joins tap and veth with tc redirects both ways (the tap exists once the VM runs).
 pub fn connect_tap(n: &PodNetwork) -> Result<()> {
-    let mtu = n.mtu.to_string();
-    in_netns(
-        &n.netns,
-        "ip link set tap up",
-        &["ip", "link", "set", TAP, "mtu", &mtu, "up"],
-    )?;
-    for (from, to) in [(n.veth.as_str(), TAP), (TAP, n.veth.as_str())] {
-        in_netns(
-            &n.netns,
-            "tc qdisc add ingress",
-            &["tc", "qdisc", "add", "dev", from, "ingress"],
-        )?;
-        in_netns(
-            &n.netns,
-            "tc filter add mirred",
-            &[
-                "tc", "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
-                "match", "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
-            ],
-        )?;
+    let mut nl = Rtnl::open(&n.netns)?;
+    let links = nl.links()?;
+    let index_of = |name: &str| {
+        links
+            .iter()
+            .find(|l| netlink::name(l) == Some(name))
+            .map(|l| l.header.index)
+            .ok_or_else(|| ShimError::NotFound(format!("link {name} in {}", n.netns.display())))
+    };
+    let (tap, veth) = (index_of(TAP)?, index_of(&n.veth)?);
+    nl.set_up(tap, n.mtu)?;
+    for (from, to) in [(veth, tap), (tap, veth)] {
+        nl.add_ingress(from)?;
+        nl.redirect(from, to)?;
     }
     Ok(())
 }
@@ -206,6 +209,144 @@ mod tests {
             netns_of(&pod, true).unwrap(),
             Some(PathBuf::from("/var/run/netns/cni-1"))
         );
+    }
+
+    /// A network namespace made with iproute2 for one test, deleted when dropped.
+    struct TestNs(String);
+
+    impl TestNs {
+        fn new(tag: &str) -> TestNs {
+            let name = format!("kvshim-{tag}-{}", std::process::id());
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(std::process::Stdio::null())
+                .status();
+            ip(&["netns", "add", &name]);
+            TestNs(name)
+        }
+
+        fn path(&self) -> PathBuf {
+            PathBuf::from("/var/run/netns").join(&self.0)
+        }
+
+        fn ip(&self, args: &[&str]) -> String {
+            ip(&[&["-n", &self.0], args].concat())
+        }
+    }
+
+    impl Drop for TestNs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+
+    fn ip(args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn netlink_reads_what_cni_made_and_wires_the_tap_both_ways() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { nix::libc::geteuid() } != 0 {
+            eprintln!("skipped: network namespaces need root");
+            return;
+        }
+        let ns = TestNs::new("nl");
+        // CNI leaves one ethernet link in the pod's namespace; its peer lives elsewhere.
+        let other = TestNs::new("nlpeer");
+        ns.ip(&[
+            "link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name", "peer0", "netns",
+            &other.0,
+        ]);
+        ns.ip(&["link", "set", "eth0", "address", "02:aa:00:00:00:07", "up"]);
+        ns.ip(&["addr", "add", "10.77.0.7/24", "dev", "eth0"]);
+        ns.ip(&["addr", "add", "fd00:77::7/64", "dev", "eth0", "nodad"]);
+        ns.ip(&["route", "add", "default", "via", "10.77.0.1", "dev", "eth0"]);
+        ns.ip(&[
+            "route",
+            "add",
+            "10.99.0.0/16",
+            "via",
+            "10.77.0.2",
+            "dev",
+            "eth0",
+        ]);
+        // A route in another table is not the pod's.
+        ns.ip(&[
+            "route",
+            "add",
+            "10.98.0.0/16",
+            "via",
+            "10.77.0.3",
+            "dev",
+            "eth0",
+            "table",
+            "7",
+        ]);
+
+        let n = discover(&ns.path()).unwrap();
+        assert_eq!(n.veth, "eth0");
+        assert_eq!(n.mac, [2, 0xaa, 0, 0, 0, 7]);
+        assert_eq!(n.mtu, 1450);
+        assert!(
+            n.addresses.contains(&("10.77.0.7".into(), 24)),
+            "{:?}",
+            n.addresses
+        );
+        assert!(
+            n.addresses.contains(&("fd00:77::7".into(), 64)),
+            "{:?}",
+            n.addresses
+        );
+        assert!(n.addresses.iter().all(|(a, _)| !a.starts_with("fe80")));
+        assert_eq!(
+            n.routes,
+            vec![
+                ("default".into(), "10.77.0.1".into()),
+                ("10.99.0.0/16".into(), "10.77.0.2".into())
+            ]
+        );
+
+        // Without the tap the wiring fails naming it.
+        let e = connect_tap(&n).unwrap_err().to_string();
+        assert!(e.contains(TAP) && e.contains(&ns.0), "{e}");
+        ns.ip(&["tuntap", "add", TAP, "mode", "tap"]);
+        connect_tap(&n).unwrap();
+        let tap = ns.ip(&["-j", "link", "show", TAP]);
+        assert!(
+            tap.contains("\"UP\"") && tap.contains("\"mtu\":1450"),
+            "{tap}"
+        );
+        for (from, to) in [("eth0", TAP), (TAP, "eth0")] {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &ns.0, "tc", "filter", "show", "dev", from, "ingress",
+                ])
+                .output()
+                .unwrap();
+            let filters = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                filters.contains("protocol all") && filters.contains("match 00000000/00000000"),
+                "{from}: {filters}"
+            );
+            assert!(
+                filters.contains(&format!("Egress Redirect to device {to}")),
+                "{from}: {filters}"
+            );
+        }
+        // A second wiring of the same tap is refused, not doubled.
+        assert!(connect_tap(&n).is_err());
+        let e = discover(Path::new("/nonexistent/netns"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/netns"), "{e}");
     }
 
     #[test]
