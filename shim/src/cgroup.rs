@@ -5,11 +5,15 @@
 //! systemd-style paths; the directories are written directly, as runc's cgroupfs driver does.
 
 use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
 
 use cgroups_rs::fs::cpu::CpuController;
 use cgroups_rs::fs::cpuset::CpuSetController;
 use cgroups_rs::fs::memory::MemController;
-use cgroups_rs::fs::{hierarchies, Cgroup};
+use cgroups_rs::fs::{hierarchies, Cgroup, Controller};
 use cgroups_rs::systemd::utils::expand_slice;
 use cgroups_rs::CgroupPid;
 
@@ -69,6 +73,8 @@ pub struct Limits {
 pub struct PodCgroup {
     cg: Cgroup,
     pub path: String,
+    /// The move of this process into the cgroup, until [`PodCgroup::entered`] waited for it.
+    entering: Mutex<Option<JoinHandle<io::Result<()>>>>,
 }
 
 fn failed(path: &str, what: &str) -> impl FnOnce(cgroups_rs::fs::error::Error) -> ShimError {
@@ -80,17 +86,44 @@ fn failed(path: &str, what: &str) -> impl FnOnce(cgroups_rs::fs::error::Error) -
 }
 
 impl PodCgroup {
-    /// Creates the cgroup at `cgroups_path` where kubelet has not, and moves this process,
-    /// its threads and every child it starts from now on into it.
+    /// Creates the cgroup at `cgroups_path` where kubelet has not, and starts moving this
+    /// process, its threads and every child it starts from then on into it. The move runs on
+    /// a thread of its own: the kernel's first migration of a process waits for an RCU grace
+    /// period (about 12 ms here), which so overlaps the rest of the pod's set-up.
     pub fn join(cgroups_path: &str) -> Result<PodCgroup> {
         let path = relative_path(cgroups_path)?;
         let cg = Cgroup::new(hierarchies::auto(), &path).map_err(failed(&path, "create"))?;
-        let pc = PodCgroup { cg, path };
-        let me = CgroupPid::from(std::process::id() as u64);
-        pc.cg
-            .add_task_by_tgid(me)
-            .map_err(failed(&pc.path, "join"))?;
-        Ok(pc)
+        // One cgroup.procs per v1 hierarchy; v2's controllers share one.
+        let procs: BTreeSet<PathBuf> = cg
+            .subsystems()
+            .iter()
+            .map(|s| s.to_controller().path().join("cgroup.procs"))
+            .collect();
+        let me = std::process::id().to_string();
+        let entering = std::thread::Builder::new()
+            .name("cgroup-join".into())
+            .spawn(move || procs.iter().try_for_each(|p| std::fs::write(p, &me)))
+            .map_err(ShimError::io("start the cgroup-join thread"))?;
+        Ok(PodCgroup {
+            cg,
+            path,
+            entering: Mutex::new(Some(entering)),
+        })
+    }
+
+    /// Waits until this process is in the cgroup: before the VM starts.
+    pub fn entered(&self) -> Result<()> {
+        let handle = self
+            .entering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(h) = handle else {
+            return Ok(());
+        };
+        h.join()
+            .unwrap_or_else(|_| Err(io::Error::other("the cgroup-join thread panicked")))
+            .map_err(ShimError::io(format!("join cgroup {}", self.path)))
     }
 
     /// The limits the VM is held to: the tightest of this cgroup and its ancestors (kubelet
@@ -99,19 +132,21 @@ impl PodCgroup {
         let mut l = Limits::default();
         let mut cg = self.cg.clone();
         loop {
+            // The limit files alone: the library's stat readers open a dozen files each.
             if let Some(m) = cg.controller_of::<MemController>() {
-                let limit = m.memory_stat().limit_in_bytes;
-                if limit > 0 && limit < UNLIMITED {
+                let limit = read_i64(m.path(), "memory.limit_in_bytes")
+                    .or_else(|| read_i64(m.path(), "memory.max"))
+                    .filter(|l| *l > 0 && *l < UNLIMITED);
+                if let Some(limit) = limit {
                     let limit = limit as u64;
                     l.memory_bytes = Some(l.memory_bytes.map_or(limit, |o| o.min(limit)));
                 }
             }
             if let Some(c) = cg.controller_of::<CpuController>() {
-                if let (Ok(q), Ok(p)) = (c.cfs_quota(), c.cfs_period()) {
-                    if q > 0 && p > 0 {
-                        let cpus = q as f64 / p as f64;
-                        l.cpus = Some(l.cpus.map_or(cpus, |o| o.min(cpus)));
-                    }
+                let (quota, period) = cpu_max(c.path());
+                if let (Some(q), Some(p)) = (quota.filter(|q| *q > 0), period.filter(|p| *p > 0)) {
+                    let cpus = q as f64 / p as f64;
+                    l.cpus = Some(l.cpus.map_or(cpus, |o| o.min(cpus)));
                 }
             }
             if cg.path().trim_matches('/').is_empty() {
@@ -161,10 +196,29 @@ impl Drop for PodCgroup {
     /// Moves this process back to the root cgroup and removes the pod's cgroup: the VM has
     /// ended, or never started.
     fn drop(&mut self) {
+        let _ = self.entered();
         let me = CgroupPid::from(std::process::id() as u64);
         let _ = self.cg.remove_task_by_tgid(me);
         remove_path(&self.path);
     }
+}
+
+fn read_i64(dir: &Path, file: &str) -> Option<i64> {
+    std::fs::read_to_string(dir.join(file))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// (quota, period) in microseconds: v1's two files, or v2's `cpu.max` ("max" is no quota).
+fn cpu_max(dir: &Path) -> (Option<i64>, Option<i64>) {
+    if let Some(q) = read_i64(dir, "cpu.cfs_quota_us") {
+        return (Some(q), read_i64(dir, "cpu.cfs_period_us"));
+    }
+    let max = std::fs::read_to_string(dir.join("cpu.max")).unwrap_or_default();
+    let mut parts = max.split_whitespace().map(|v| v.parse().ok());
+    (parts.next().flatten(), parts.next().flatten())
 }
 
 /// Removes the cgroup at `path` (below the hierarchy root) once the processes in it have
@@ -219,6 +273,22 @@ pub fn format_cpus(set: &BTreeSet<u32>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_quota_from_v1_and_v2_files() {
+        let dir = std::env::temp_dir().join(format!("kvshim-cpumax-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("v1")).unwrap();
+        std::fs::create_dir_all(dir.join("v2")).unwrap();
+        std::fs::write(dir.join("v1/cpu.cfs_quota_us"), "-1\n").unwrap();
+        std::fs::write(dir.join("v1/cpu.cfs_period_us"), "100000\n").unwrap();
+        assert_eq!(cpu_max(&dir.join("v1")), (Some(-1), Some(100000)));
+        std::fs::write(dir.join("v2/cpu.max"), "150000 100000\n").unwrap();
+        assert_eq!(cpu_max(&dir.join("v2")), (Some(150000), Some(100000)));
+        std::fs::write(dir.join("v2/cpu.max"), "max 100000\n").unwrap();
+        assert_eq!(cpu_max(&dir.join("v2")), (None, Some(100000)));
+        assert_eq!(cpu_max(&dir.join("absent")), (None, None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn cgroupfs_and_systemd_paths() {

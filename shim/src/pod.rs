@@ -39,7 +39,7 @@ pub struct PodSpec {
     pub hostname: String,
     /// The CNI network of the pod, when it has one.
     pub network: Option<PodNetwork>,
-    /// The host cgroup the VM runs in (this process has joined it already).
+    /// The host cgroup the VM runs in (this process is moving into it; `boot` waits).
     pub cgroup: Option<PodCgroup>,
     /// Prometheus labels of the pod's metrics.
     pub labels: String,
@@ -144,19 +144,12 @@ impl Pod {
         let (backend, accel, why) =
             machine::choose(cfg.machine, &machine::calibration_cache(&cfg.state_dir))?;
         phases.mark("machine choice");
-        // The guest ends the VM by resetting it. Our VMM sees the i8042 reset; on QEMU TCG
-        // a 1-vCPU guest whose agent resets through the i8042 was seen spinning after
-        // "Restarting system", while a triple fault always resets (-no-reboot: QEMU exits).
-        let reboot = match backend {
-            vmm::doctor::Backend::Builtin => "k",
-            vmm::doctor::Backend::Qemu => "t",
-        };
         let mut vm = VmConfig::new(&cfg.kernel);
         vm.initrd = Some(cfg.initramfs.clone());
         // `ps` shows which pod a QEMU serves.
         vm.name = format!("kubevirt-pod:{}", p.dir.display());
         vm.cmdline = format!(
-            "console=ttyS0 reboot={reboot} panic=-1 quiet {}",
+            "console=ttyS0 reboot=k panic=-1 quiet {}",
             cfg.extra_cmdline
         )
         .trim_end()
@@ -216,6 +209,10 @@ impl Pod {
             p.memory_mib,
             p.vcpus
         );
+        if let Some(cg) = &p.cgroup {
+            cg.entered()?;
+        }
+        phases.mark("cgroup entry");
         let start = Instant::now();
         let mut m = Machine::start(vm, backend, accel)?;
         phases.mark("VM start");
@@ -285,6 +282,7 @@ impl Pod {
         phases.mark("sandbox setup");
         if let Some(n) = &p.network {
             let wired = network::connect_tap(n).and_then(|()| {
+                phases.mark("tap wiring");
                 pod.agent
                     .configure_network(ctx(), &network::guest_config(n))
                     .map(drop)
@@ -294,7 +292,7 @@ impl Pod {
                 pod.shutdown();
                 return Err(e);
             }
-            phases.mark("network");
+            phases.mark("guest network");
             log::info!(
                 "pod {}: network {:?} via {} and {}",
                 pod.owner,
