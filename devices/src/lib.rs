@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod net;
+pub mod rate_limit;
 pub mod rng;
 pub mod virtio;
 pub mod vsock;

@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
         read_only,
         id: Some("fuzz0".into()),
         slot: slot.clone(),
+        rate: Default::default(),
     })
     .expect("block device on a memfd");
     let mut features = blk.features();

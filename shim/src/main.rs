@@ -15,6 +15,7 @@ mod netlink;
 mod network;
 mod phases;
 mod pod;
+mod rates;
 mod rootfs;
 mod rpc;
 mod service;

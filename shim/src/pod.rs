@@ -23,6 +23,7 @@ use crate::error::{Result, ShimError};
 use crate::machine::{self, Machine};
 use crate::network::{self, PodNetwork};
 use crate::phases::Phases;
+use crate::rates::PodRates;
 
 /// Host vsock port the agent streams its log to.
 const AGENT_LOG_PORT: u32 = 1025;
@@ -43,6 +44,8 @@ pub struct PodSpec {
     pub cgroup: Option<PodCgroup>,
     /// Prometheus labels of the pod's metrics.
     pub labels: String,
+    /// I/O limits of the pod's disks and NIC.
+    pub rates: PodRates,
 }
 
 /// Serial of the pod's shared scratch disk (every container's writable layer).
@@ -172,6 +175,7 @@ impl Pod {
                 read_only: false,
                 id: Some(format!("slot{i}")),
                 slot: Some(media.clone()),
+                rate: p.rates.disk,
             });
             slots.push(Slot {
                 id: format!("slot{i}"),
@@ -188,6 +192,8 @@ impl Pod {
                     netns: Some(n.netns.clone()),
                 },
                 mac: Some(n.mac),
+                rx_rate: p.rates.net_rx,
+                tx_rate: p.rates.net_tx,
             });
         }
         let scratch = p.dir.join("scratch.ext4");
@@ -197,6 +203,7 @@ impl Pod {
             read_only: false,
             id: Some(SCRATCH_ID.into()),
             slot: None,
+            rate: p.rates.disk,
         });
         phases.mark("disks");
         vm.vsock = Some(VsockConfig {

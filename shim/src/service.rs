@@ -30,6 +30,7 @@ use crate::mounts;
 use crate::network;
 use crate::phases::Phases;
 use crate::pod::{ctx, Pod, PodSpec, SCRATCH_ID};
+use crate::rates;
 use crate::rootfs;
 use crate::stdio::{Pumps, StdioPaths};
 use crate::task::{ExitInfo, Proc, Status, Task};
@@ -211,6 +212,7 @@ impl TaskService {
             return Ok((p.clone(), false));
         }
         let sandbox = spec["annotations"][CONTAINER_TYPE] == "sandbox";
+        let rates = rates::from_spec(spec)?;
         let mut phases = Phases::default();
         let network = match network::netns_of(spec, sandbox)? {
             Some(ns) => Some(network::discover(&ns)?),
@@ -239,6 +241,7 @@ impl TaskService {
                     network,
                     cgroup,
                     labels: metric_labels(&req.id, spec),
+                    rates,
                 },
                 &mut phases,
             )

@@ -187,7 +187,7 @@ pub fn pod_section(r: &mut String, runs: usize, progress: &dyn Fn(&str)) {
             ms(median(&t.container)),
             ms(median(&t.output)),
             if t.shim_share.is_empty() {
-                "-".into()
+                "n/a (no VM)".into()
             } else {
                 ms(median(&t.shim_share))
             },

@@ -217,6 +217,48 @@ fn blk_discard_punches_a_hole_in_the_file() {
     );
 }
 
+#[test]
+fn blk_rate_limit_holds_a_disk_to_its_bandwidth() {
+    let dir = TempDir::new("blkrate");
+    let (slow, fast) = (dir.join("slow.img"), dir.join("fast.img"));
+    for p in [&slow, &fast] {
+        fs::write(p, Stream::bytes(9, 12 * MIB as usize)).unwrap();
+    }
+    // 4 MiB/s and 100 requests/s on one disk, nothing on the other.
+    let mut args = disk_arg(&slow, ",id=slow,bw=4Mi,iops=100");
+    args.extend(disk_arg(&fast, ",id=fast"));
+    let mut s = String::new();
+    for id in ["fast", "slow"] {
+        s += &find_disk(id);
+        s += &mark(&format!("{id}0"));
+        s += "sum=$(dd if=$dev bs=1M count=12 2>/dev/null | sha256sum | cut -d' ' -f1)\n";
+        s += &mark(&format!("{id}1"));
+        s += &format!("echo \"kvtest: {id} sha=$sum\"\n");
+    }
+    let out = Vm::start(&args, &s).finish();
+    let (t_slow, t_fast) = (
+        guest_secs(&out, "slow0", "slow1"),
+        guest_secs(&out, "fast0", "fast1"),
+    );
+    println!("blk 12 MiB read: limited to 4 MiB/s {t_slow:.2} s, unlimited {t_fast:.2} s");
+    // 12 MiB at 4 MiB/s after a 0.4 MiB burst: 2.9 s; the page cache is cold for both.
+    assert!(
+        t_slow >= 2.5,
+        "the limited disk read 12 MiB in {t_slow:.2} s"
+    );
+    assert!(
+        t_fast < t_slow / 2.0,
+        "unlimited {t_fast:.2} s, limited {t_slow:.2} s"
+    );
+    let want = sha256_of_file_region(&slow, 12 * MIB);
+    for id in ["slow", "fast"] {
+        assert_eq!(
+            field(line_with(&out, &format!("kvtest: {id} ")), "sha"),
+            want
+        );
+    }
+}
+
 // --- net ----------------------------------------------------------------------------------
 
 const HOST_IP: &str = "10.201.0.1";

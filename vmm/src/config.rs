@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use devices::rate_limit::{Rate, RateLimit, RateLimitError};
+
 use crate::arch::cpuid::CpuFeature;
 pub use crate::legacy::SerialInputSource;
 pub use devices::block::BlockConfig;
@@ -28,25 +30,43 @@ fn invalid(option: &'static str, value: &str, reason: impl Into<String>) -> Conf
     }
 }
 
-/// `PATH[,ro][,id=NAME]`: a disk.
+/// `PATH[,ro][,id=NAME][,bw=RATE][,iops=RATE]`: a disk, optionally held to bytes and
+/// requests per second (RATE as `20Mi`, `500`, see [`Rate`]).
 pub fn parse_disk(value: &str) -> Result<BlockConfig, ConfigError> {
     let mut parts = value.split(',');
     let path = parts.next().filter(|p| !p.is_empty());
-    let path = path.ok_or_else(|| invalid("--disk", value, "expected PATH[,ro][,id=NAME]"))?;
+    let path = path.ok_or_else(|| {
+        invalid(
+            "--disk",
+            value,
+            "expected PATH[,ro][,id=NAME][,bw=RATE][,iops=RATE]",
+        )
+    })?;
     let mut cfg = BlockConfig {
         path: path.into(),
         read_only: false,
         id: None,
         slot: None,
+        rate: RateLimit::default(),
     };
     for part in parts {
         match part.split_once('=') {
             None if part == "ro" => cfg.read_only = true,
             Some(("id", id)) if !id.is_empty() => cfg.id = Some(id.to_string()),
+            Some(("bw", v)) => cfg.rate.bytes_per_sec = parse_rate("--disk", value, v)?,
+            Some(("iops", v)) => cfg.rate.ops_per_sec = parse_rate("--disk", value, v)?,
             _ => return Err(invalid("--disk", value, format!("unknown option {part:?}"))),
         }
     }
     Ok(cfg)
+}
+
+/// A per-second rate inside option `option`'s `value`.
+fn parse_rate(option: &'static str, value: &str, v: &str) -> Result<Option<u64>, ConfigError> {
+    let r: Rate = v
+        .parse()
+        .map_err(|e: RateLimitError| invalid(option, value, e.to_string()))?;
+    Ok(Some(r.0))
 }
 
 /// A MAC address written `aa:bb:cc:dd:ee:ff`.
@@ -59,12 +79,18 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     (bytes.len() == 6 && s.split(':').all(|b| b.len() == 2)).then(|| bytes.try_into().ok())?
 }
 
-/// `tap=NAME[,mac=MAC][,netns=PATH]`: a network interface on a tap.
+/// `tap=NAME[,mac=MAC][,netns=PATH][,rx_bw=RATE][,rx_pps=RATE][,tx_bw=RATE][,tx_pps=RATE]`:
+/// a network interface on a tap, optionally held to bytes and frames per second each way.
 pub fn parse_net(value: &str) -> Result<NetConfig, ConfigError> {
     let (mut tap, mut mac, mut netns) = (None, None, None);
+    let (mut rx, mut tx) = (RateLimit::default(), RateLimit::default());
     for part in value.split(',') {
         match part.split_once('=') {
             Some(("tap", n)) if !n.is_empty() => tap = Some(n.to_string()),
+            Some(("rx_bw", v)) => rx.bytes_per_sec = parse_rate("--net", value, v)?,
+            Some(("rx_pps", v)) => rx.ops_per_sec = parse_rate("--net", value, v)?,
+            Some(("tx_bw", v)) => tx.bytes_per_sec = parse_rate("--net", value, v)?,
+            Some(("tx_pps", v)) => tx.ops_per_sec = parse_rate("--net", value, v)?,
             Some(("mac", m)) => {
                 mac = Some(
                     parse_mac(m)
@@ -79,6 +105,8 @@ pub fn parse_net(value: &str) -> Result<NetConfig, ConfigError> {
     Ok(NetConfig {
         tap: TapSource::Name { name, netns },
         mac,
+        rx_rate: rx,
+        tx_rate: tx,
     })
 }
 
@@ -200,6 +228,14 @@ mod tests {
         let e = parse_disk("/d,rw").unwrap_err().to_string();
         assert_eq!(e, "--disk \"/d,rw\": unknown option \"rw\"");
         assert!(parse_disk(",ro").is_err());
+        let d = parse_disk("/d,bw=20Mi,iops=500").unwrap();
+        assert_eq!(d.rate.bytes_per_sec, Some(20 << 20));
+        assert_eq!(d.rate.ops_per_sec, Some(500));
+        let e = parse_disk("/d,bw=0").unwrap_err().to_string();
+        assert!(
+            e.contains("--disk \"/d,bw=0\"") && e.contains("more than zero"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -222,6 +258,13 @@ mod tests {
             .to_string()
             .contains("bad MAC"));
         assert!(parse_net("tap=t,mac=2:0:0:a:b:c").is_err());
+        let n = parse_net("tap=t,rx_bw=1M,tx_bw=2Mi,tx_pps=100").unwrap();
+        assert_eq!(n.rx_rate.bytes_per_sec, Some(1_000_000));
+        assert_eq!(n.rx_rate.ops_per_sec, None);
+        assert_eq!(n.tx_rate.bytes_per_sec, Some(2 << 20));
+        assert_eq!(n.tx_rate.ops_per_sec, Some(100));
+        let e = parse_net("tap=t,rx_pps=lots").unwrap_err().to_string();
+        assert!(e.contains("\"lots\""), "{e}");
     }
 
     #[test]

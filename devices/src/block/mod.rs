@@ -18,13 +18,15 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::io::{Disk, DiskSource, Done, Job, Worker};
 pub use self::media::MediaSlot;
 use self::request::{DiskInfo, Op, Parsed, ID_LEN, MAX_RANGE_SECTORS, SECTOR_SIZE};
+use crate::rate_limit::{Limiter, RateLimit, RateLimitError};
 use crate::virtio::{
     device_type, read_config_bytes, UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -59,6 +61,11 @@ pub enum BlockError {
     Size { path: PathBuf, size: u64 },
     #[error("disk id {id:?} {reason}")]
     BadId { id: String, reason: &'static str },
+    #[error("rate limit of disk {path}: {source}")]
+    RateLimit {
+        path: PathBuf,
+        source: RateLimitError,
+    },
     #[error("cannot start the I/O thread of disk {path}: {source}")]
     Thread {
         path: PathBuf,
@@ -77,6 +84,8 @@ pub struct BlockConfig {
     /// Makes the disk a media slot: `path` is its first medium and fixes its capacity; the
     /// embedding program changes the medium through this handle (see [`MediaSlot`]).
     pub slot: Option<MediaSlot>,
+    /// Bytes and requests per second the guest may move through this disk.
+    pub rate: RateLimit,
 }
 
 /// Request counters since the device was created.
@@ -108,6 +117,12 @@ pub struct Block {
     in_flight: usize,
     /// Popping stopped because `in_flight` reached the queue size.
     throttled: bool,
+    /// The disk's rate limit, where it has one.
+    limiter: Option<Limiter>,
+    /// Popping stopped because the limiter refused a request; its timer brings us back.
+    rate_limited: bool,
+    /// Gathers `completions` and the limiter's timer where there is a limiter.
+    events: Option<Epoll>,
     stats: BlockStats,
 }
 
@@ -154,6 +169,14 @@ impl Block {
             None => DiskSource::Fixed(disk),
         };
         let worker = Worker::spawn(name, source, id, notify, IO_THREADS).map_err(thread_err)?;
+        let limiter = Limiter::new(config.rate).map_err(|e| BlockError::RateLimit {
+            path: config.path.clone(),
+            source: e,
+        })?;
+        let events = match &limiter {
+            Some(l) => Some(watch_both(completions.as_raw_fd(), l.timer_fd()).map_err(thread_err)?),
+            None => None,
+        };
         Ok(Block {
             features: features(config.read_only),
             config,
@@ -164,6 +187,9 @@ impl Block {
             worker,
             in_flight: 0,
             throttled: false,
+            limiter,
+            rate_limited: false,
+            events,
             stats: BlockStats::default(),
         })
     }
@@ -198,7 +224,16 @@ impl Block {
                     break;
                 };
                 popped = true;
-                used |= self.start(chain, q, mem);
+                match self.start(chain, q, mem) {
+                    Some(answered) => used |= answered,
+                    None => {
+                        // Over the rate limit: the chain goes back on the ring, and the
+                        // limiter's timer brings us back for it.
+                        q.go_to_previous_position();
+                        self.rate_limited = true;
+                        return used;
+                    }
+                }
             }
             if self.in_flight >= limit {
                 self.throttled = true;
@@ -214,17 +249,27 @@ impl Block {
         }
     }
 
-    /// Starts one request; returns whether it was answered (added to the used ring) at once.
+    /// Starts one request; returns whether it was answered (added to the used ring) at once,
+    /// or `None` where the rate limit holds it back (nothing was done with it).
     fn start(
         &mut self,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
         q: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> bool {
+    ) -> Option<bool> {
         let head = chain.head_index();
         let (descs, terminated) = request::collect(chain);
         let (at, status, used_len) = match request::parse(&descs, terminated, mem, &self.disk) {
             Parsed::Io(req) => {
+                let bytes = match req.op {
+                    Op::Read { .. } | Op::Write { .. } => req.len,
+                    _ => 0,
+                };
+                if let Some(l) = &mut self.limiter {
+                    if !l.admit(bytes) {
+                        return None;
+                    }
+                }
                 let at = req.status;
                 let job = Job {
                     head,
@@ -234,7 +279,7 @@ impl Block {
                 match self.worker.submit(job) {
                     Ok(()) => {
                         self.in_flight += 1;
-                        return false;
+                        return Some(false);
                     }
                     Err(_) => {
                         log::error!("{}: I/O thread is gone", self.name());
@@ -256,7 +301,7 @@ impl Block {
             // `parse` checked the address.
             let _ = mem.write_obj(status, at);
         }
-        add_used(q, mem, head, used_len)
+        Some(add_used(q, mem, head, used_len))
     }
 
     /// Queue 0, set to follow the negotiated EVENT_IDX whichever transport set it up
@@ -286,6 +331,19 @@ impl Block {
             s.errors += 1;
         }
     }
+}
+
+/// An epoll readable while either descriptor is.
+fn watch_both(a: RawFd, b: RawFd) -> std::io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    for fd in [a, b] {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, fd as u64),
+        )?;
+    }
+    Ok(epoll)
 }
 
 fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
@@ -347,6 +405,10 @@ impl VirtioDevice for Block {
             ("flush_requests", s.flush_requests),
             ("discard_requests", s.discard_requests),
             ("errors", s.errors),
+            (
+                "rate_limited",
+                self.limiter.as_ref().map_or(0, |l| l.throttled),
+            ),
         ]
     }
     fn device_type(&self) -> u32 {
@@ -381,7 +443,10 @@ impl VirtioDevice for Block {
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
-        Some(self.completions.as_raw_fd())
+        match &self.events {
+            Some(e) => Some(e.as_raw_fd()),
+            None => Some(self.completions.as_raw_fd()),
+        }
     }
 
     fn process_backend(&mut self, queues: &mut [&mut Queue], mem: &GuestMemoryMmap) -> UsedQueues {
@@ -389,6 +454,14 @@ impl VirtioDevice for Block {
         // signals again.
         let _ = self.completions.read();
         self.worker.rearm();
+        // A request the limiter held back waits for its timer; otherwise one the in-flight
+        // bound held back goes as soon as something completed.
+        let fired = self.limiter.as_mut().is_some_and(Limiter::timer_fired);
+        let retry = if self.rate_limited {
+            fired
+        } else {
+            self.throttled
+        };
         let mut used = false;
         while let Some(done) = self.worker.try_done() {
             self.in_flight = self.in_flight.saturating_sub(1);
@@ -397,7 +470,8 @@ impl VirtioDevice for Block {
                 used |= add_used(q, mem, done.head, done.used_len);
             }
         }
-        if self.throttled {
+        if retry {
+            self.rate_limited = false;
             if let Some(q) = self.request_queue(queues) {
                 used |= self.serve(q, mem);
             }
@@ -417,6 +491,7 @@ impl VirtioDevice for Block {
         }
         self.in_flight = 0;
         self.throttled = false;
+        self.rate_limited = false;
         self.acked = 0;
         let _ = self.completions.read();
         self.worker.rearm();

@@ -23,6 +23,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use crate::rate_limit::{Limiter, RateLimit, RateLimitError};
 use crate::virtio::{
     device_type, read_config_bytes, ActivateError, UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -39,6 +40,10 @@ const QUEUE_SIZES: [u16; 2] = [256, 256];
 /// Frames moved from the back end per call, so one busy device cannot hold the event loop;
 /// the level-triggered epoll brings us back for the rest.
 const RX_BURST: usize = 256;
+
+/// Epoll data of the limiters' timers in the device epoll (the back end's is 0).
+const TOKEN_RX_TIMER: u64 = 1;
+const TOKEN_TX_TIMER: u64 = 2;
 
 const fn bit(b: u32) -> u64 {
     1 << b
@@ -80,6 +85,10 @@ pub struct NetConfig {
     pub tap: TapSource,
     /// The guest NIC's MAC; a random locally administered one when `None`.
     pub mac: Option<[u8; 6]>,
+    /// Bytes and frames per second the guest may receive.
+    pub rx_rate: RateLimit,
+    /// Bytes and frames per second the guest may send.
+    pub tx_rate: RateLimit,
 }
 
 /// Errors while setting up a net device.
@@ -118,6 +127,11 @@ pub enum NetError {
     },
     #[error("cannot make a random MAC address: {0}")]
     RandomMac(io::Error),
+    #[error("net back end {backend}: {source}")]
+    RateLimit {
+        backend: String,
+        source: RateLimitError,
+    },
 }
 
 /// The host side of a net device: a descriptor that carries one frame, with a 12-byte
@@ -166,6 +180,11 @@ pub struct Net {
     state: State,
     rx: Rx,
     tx: Tx,
+    /// Rate limits of each direction, where set.
+    rx_limit: Option<Limiter>,
+    tx_limit: Option<Limiter>,
+    /// The rx limit admitted the pending frame already.
+    rx_admitted: bool,
     stats: NetStats,
 }
 
@@ -217,7 +236,39 @@ impl Net {
             TapSource::Name { name, netns } => Tap::open(&name, netns.as_deref())?,
             TapSource::Fd(fd) => Tap::from_fd(fd)?,
         };
-        Self::with_backend(Box::new(tap), config.mac)
+        let mut net = Self::with_backend(Box::new(tap), config.mac)?;
+        net.set_rate_limits(config.rx_rate, config.tx_rate)?;
+        Ok(net)
+    }
+
+    /// Holds each direction to its limit; the limiters' timers join the device epoll.
+    pub fn set_rate_limits(&mut self, rx: RateLimit, tx: RateLimit) -> Result<(), NetError> {
+        let backend = self.backend.name().to_owned();
+        let make = |limit| {
+            Limiter::new(limit).map_err(|source| NetError::RateLimit {
+                backend: backend.clone(),
+                source,
+            })
+        };
+        let (rx, tx) = (make(rx)?, make(tx)?);
+        for (l, token) in [(&rx, TOKEN_RX_TIMER), (&tx, TOKEN_TX_TIMER)] {
+            if let Some(l) = l {
+                self.epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        l.timer_fd(),
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(|source| NetError::Backend {
+                        backend: backend.clone(),
+                        what: "watch the rate limiter's timer",
+                        source,
+                    })?;
+            }
+        }
+        self.rx_limit = rx;
+        self.tx_limit = tx;
+        Ok(())
     }
 
     /// Builds the device around any frame back end (a tap, or a test's socket pair).
@@ -250,6 +301,9 @@ impl Net {
             state: State::Inactive,
             rx: Rx::new(),
             tx: Tx::new(),
+            rx_limit: None,
+            tx_limit: None,
+            rx_admitted: false,
             stats: NetStats::default(),
         })
     }
@@ -338,8 +392,18 @@ impl Net {
                     }
                 }
             }
+            if let (Some(l), Some(len)) = (&mut self.rx_limit, self.rx.pending_len()) {
+                // The frame stays pending (the tap out of the epoll) until the timer fires.
+                if !self.rx_admitted && !l.admit(len as u64) {
+                    break;
+                }
+                self.rx_admitted = true;
+            }
             let (delivery, changed) = self.rx.deliver(q, mem, mode, &mut self.stats);
             used |= changed;
+            if !self.rx.has_pending() {
+                self.rx_admitted = false;
+            }
             match delivery {
                 Delivery::Delivered | Delivery::Dropped | Delivery::Retry => {}
                 // The frame waits in the pending slot; the tap leaves the epoll until the
@@ -359,12 +423,17 @@ impl Net {
         let mut first = true;
         loop {
             let _ = q.disable_notification(mem);
-            let sent = self
-                .tx
-                .send_all(q, mem, self.backend.as_fd(), &mut self.stats);
+            let sent = self.tx.send_all(
+                q,
+                mem,
+                self.backend.as_fd(),
+                &mut self.stats,
+                self.tx_limit.as_mut(),
+            );
             used |= sent;
             // Stalled: notifications stay off; EPOLLOUT on the back end brings us back.
-            if self.tx.stalled || !q.enable_notification(mem).unwrap_or(false) {
+            // Limited: the limiter's timer does.
+            if self.tx.stalled || self.tx.limited || !q.enable_notification(mem).unwrap_or(false) {
                 break;
             }
             // The driver added chains meanwhile. A pass after that which pops nothing means
@@ -413,6 +482,14 @@ impl VirtioDevice for Net {
             ("transmit_bytes", s.tx_bytes),
             ("transmit_packets", s.tx_frames),
             ("transmit_dropped", s.tx_dropped),
+            (
+                "receive_rate_limited",
+                self.rx_limit.as_ref().map_or(0, |l| l.throttled),
+            ),
+            (
+                "transmit_rate_limited",
+                self.tx_limit.as_ref().map_or(0, |l| l.throttled),
+            ),
         ]
     }
     fn device_type(&self) -> u32 {
@@ -488,8 +565,13 @@ impl VirtioDevice for Net {
             return 0;
         };
         let mut used = 0;
-        // The epoll says which of the two it was only through readiness, so try both.
-        if self.tx.stalled {
+        // Consume fired timers, or the level-triggered epoll would report them forever.
+        let tx_fired = self.tx_limit.as_mut().is_some_and(Limiter::timer_fired);
+        if let Some(l) = &mut self.rx_limit {
+            l.timer_fired();
+        }
+        // The epoll says which it was only through readiness, so try each that waits.
+        if self.tx.stalled || (self.tx.limited && tx_fired) {
             self.tx.stalled = false;
             used |= self.process_tx(tx, mem) as UsedQueues * used_bit(TX_QUEUE);
         }
@@ -501,7 +583,9 @@ impl VirtioDevice for Net {
         if self.rx.clear_pending() {
             self.stats.rx_dropped += 1;
         }
+        self.rx_admitted = false;
         self.tx.stalled = false;
+        self.tx.limited = false;
         self.rx.reset();
         self.acked = 0;
         if self.state == State::Active {

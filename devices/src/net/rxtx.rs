@@ -8,6 +8,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::NetStats;
+use crate::rate_limit::Limiter;
 
 /// Size of `virtio_net_hdr_v1`, in front of every frame both ways.
 pub const VNET_HDR_LEN: usize = 12;
@@ -35,6 +36,8 @@ pub(super) struct Tx {
     iov: Vec<libc::iovec>,
     /// A write would have blocked; the chain is back on the ring, waiting for EPOLLOUT.
     pub stalled: bool,
+    /// The rate limit held a chain back; it is back on the ring, waiting for the timer.
+    pub limited: bool,
 }
 
 // SAFETY: `iov` holds pointers into guest memory only while one frame is being written,
@@ -46,6 +49,7 @@ impl std::fmt::Debug for Tx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tx")
             .field("stalled", &self.stalled)
+            .field("limited", &self.limited)
             .finish()
     }
 }
@@ -55,6 +59,7 @@ impl Tx {
         Self {
             iov: Vec::with_capacity(64),
             stalled: false,
+            limited: false,
         }
     }
 
@@ -90,19 +95,31 @@ impl Tx {
     }
 
     /// Sends every available chain; returns whether the used ring changed. On a write that
-    /// would block, the chain goes back on the ring and `stalled` is set.
+    /// would block, the chain goes back on the ring and `stalled` is set; on a frame `limit`
+    /// refuses, it goes back and `limited` is set.
     pub fn send_all(
         &mut self,
         q: &mut Queue,
         mem: &GuestMemoryMmap,
         fd: BorrowedFd<'_>,
         stats: &mut NetStats,
+        mut limit: Option<&mut Limiter>,
     ) -> bool {
         self.stalled = false;
+        self.limited = false;
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let sent = match self.gather(mem, chain) {
+            let len = self.gather(mem, chain);
+            if let (Some(len), Some(l)) = (len, limit.as_deref_mut()) {
+                if !l.admit((len - VNET_HDR_LEN) as u64) {
+                    self.iov.clear();
+                    q.go_to_previous_position();
+                    self.limited = true;
+                    break;
+                }
+            }
+            let sent = match len {
                 Some(len) => writev(fd, &self.iov).map(|_| len),
                 None => Err(io::Error::from(io::ErrorKind::InvalidInput)),
             };
@@ -202,6 +219,11 @@ impl Rx {
 
     pub fn has_pending(&self) -> bool {
         self.pending.is_some()
+    }
+
+    /// Bytes of the pending frame, its header left out.
+    pub fn pending_len(&self) -> Option<usize> {
+        self.pending.map(|n| n.saturating_sub(VNET_HDR_LEN))
     }
 
     /// Forgets the pending frame; returns whether there was one.

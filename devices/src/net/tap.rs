@@ -418,6 +418,8 @@ mod tests {
                 netns: Some(ns.path()),
             },
             mac: Some(GUEST_MAC),
+            rx_rate: Default::default(),
+            tx_rate: Default::default(),
         };
         let mut net = Net::new(config).unwrap();
         assert_eq!(
@@ -516,6 +518,8 @@ mod tests {
         let e = Net::new(NetConfig {
             tap: TapSource::Fd(r),
             mac: None,
+            rx_rate: Default::default(),
+            tx_rate: Default::default(),
         })
         .unwrap_err();
         assert!(e.to_string().contains("TUNGETIFF"), "{e}");
@@ -532,6 +536,8 @@ mod tests {
         let net = Net::new(NetConfig {
             tap: TapSource::Fd(tap.into_fd()),
             mac: None,
+            rx_rate: Default::default(),
+            tx_rate: Default::default(),
         })
         .unwrap();
         assert_eq!(net.backend_name(), "kvtap1");

@@ -119,14 +119,7 @@ impl Rig {
 
     /// The outer event loop would call process_backend now.
     fn backend_ready(&self) -> bool {
-        let mut p = libc::pollfd {
-            fd: self.net.backend_fd().unwrap(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll reads and writes one pollfd that lives for the call.
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        n == 1 && p.revents & libc::POLLIN != 0
+        wait_ready(self, 0)
     }
 
     /// The host side sends a frame to the guest.
@@ -569,4 +562,103 @@ fn unknown_queue_is_ignored() {
     let mut one = vec![Queue::new(16).unwrap()];
     let mut r = refs(&mut one);
     assert_eq!(rig.net.process_queue(RX_QUEUE, &mut r, &rig.d.mem), 0);
+}
+
+/// Polls the device's back-end descriptor for up to `ms` milliseconds.
+fn wait_ready(rig: &Rig, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: rig.net.backend_fd().unwrap(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one pollfd that lives for the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n == 1 && p.revents & libc::POLLIN != 0
+}
+
+#[test]
+fn tx_rate_limit_delays_frames_and_loses_none() {
+    let mut rig = Rig::new(0);
+    // 10 frames/s: a burst of one, then one frame per 100 ms.
+    let tx = RateLimit {
+        bytes_per_sec: None,
+        ops_per_sec: Some(10),
+    };
+    rig.net.set_rate_limits(RateLimit::default(), tx).unwrap();
+    let f = frame(100, 3);
+    for i in 0..4u64 {
+        let at = 0x20000 + i * 0x1000;
+        rig.d.write(at, &f);
+        rig.d.add_chain(TX_QUEUE, &[(at, f.len() as u32, 0)]);
+    }
+    let start = std::time::Instant::now();
+    rig.queue(TX_QUEUE);
+    assert!(rig.recv().is_some(), "the burst goes at once");
+    assert_eq!(rig.recv(), None, "the rest waits");
+    let mut got = 1;
+    while got < 4 {
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "held-back frames never went"
+        );
+        if wait_ready(&rig, 1000) {
+            rig.backend();
+        }
+        while let Some(r) = rig.recv() {
+            assert_eq!(r, f);
+            got += 1;
+        }
+    }
+    let took = start.elapsed();
+    assert!(took.as_millis() >= 290, "4 frames at 10/s took {took:?}");
+    assert_eq!(rig.d.used(TX_QUEUE).len(), 4);
+    let c = rig.net.counters();
+    let limited = c
+        .iter()
+        .find(|(n, _)| *n == "transmit_rate_limited")
+        .unwrap();
+    assert!(limited.1 >= 3, "{c:?}");
+    assert_eq!(rig.net.stats().tx_dropped, 0);
+}
+
+#[test]
+fn rx_rate_limit_holds_the_frame_and_the_tap_until_the_timer() {
+    let mut rig = Rig::new(0);
+    // 10 KB/s: a 1000-byte burst, so a 1000-byte frame passes and the next waits ~100 ms.
+    let rx = RateLimit {
+        bytes_per_sec: Some(10_000),
+        ops_per_sec: None,
+    };
+    rig.net.set_rate_limits(rx, RateLimit::default()).unwrap();
+    for i in 0..3u64 {
+        rig.d
+            .add_chain(RX_QUEUE, &[(0x30000 + i * 0x1000, 2000, W)]);
+    }
+    let start = std::time::Instant::now();
+    for seed in 0..3 {
+        rig.send(&frame(1000, seed));
+    }
+    let mut delivered = 0;
+    while delivered < 3 {
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "held-back frames never arrived"
+        );
+        if wait_ready(&rig, 1000) {
+            rig.backend();
+        }
+        delivered = rig.d.used(RX_QUEUE).len();
+    }
+    let took = start.elapsed();
+    assert!(
+        took.as_millis() >= 190,
+        "3 x 1000 bytes at 10 KB/s took {took:?}"
+    );
+    for i in 0..3u64 {
+        assert_eq!(
+            rig.d.read(0x30000 + i * 0x1000 + 12, 1000),
+            &frame(1000, i as u8)[12..]
+        );
+    }
+    assert_eq!(rig.net.stats().rx_dropped, 0);
 }

@@ -315,6 +315,7 @@ pub fn serve_ours(image: &Path, socket: &Path) {
         read_only: false,
         id: None,
         slot: None,
+        rate: Default::default(),
     })
     .expect("open the test image");
     let device = std::sync::Arc::new(std::sync::Mutex::new(block));
