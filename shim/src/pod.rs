@@ -131,6 +131,20 @@ fn console_tail(dir: &Path, n: usize) -> Vec<String> {
     console::tail(&dir.join(CONSOLE_LOG), n)
 }
 
+/// How the VM ended, if it does within `timeout`.
+fn ended_within(m: &mut Machine, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(how) = m.ended() {
+            return Some(how);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Says in containerd's log how a VM that was not asked to end did, and what the guest said.
 fn log_unexpected_end(pod: &str, how: &str, dir: &Path) {
     log::error!(
@@ -468,6 +482,10 @@ impl Pod {
                 && m.wait_timeout(Duration::from_secs(10))
             {
                 log::info!("pod VM shut down cleanly");
+            } else if let Some(how) = ended_within(&mut m, Duration::from_secs(2)) {
+                // No agent to ask: it crashed (as the guest's PID 1 that panics the kernel,
+                // which resets the VM) or the guest is dying; say how it went.
+                log_unexpected_end(&self.owner, &how, &self.dir);
             } else {
                 log::warn!(
                     "pod VM did not shut down by itself; stopping it; console tail: {:?}",

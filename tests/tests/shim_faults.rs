@@ -1,5 +1,6 @@
-//! Faults through the CRI, as kubelet would meet them (and the VM process's confinement): a guest kernel that panics, a guest
-//! that never boots, the VMM killed under a running pod, no tap device, a full disk while the
+//! Faults through the CRI, as kubelet would meet them (and the VM process's confinement): a
+//! guest kernel that panics, a guest that never boots, the VMM killed under a running pod, the
+//! agent crashing, no tap device, a full disk while the
 //! image is built, containerd restarted under running pods. Each ends in a clear state
 //! reported to containerd, and each test checks that nothing is left behind.
 //!
@@ -172,6 +173,68 @@ fn a_killed_vmm_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
         c.log().contains("the VM ended unexpectedly"),
         "containerd's log does not say why:\n{}",
         tail(&c.log(), 30)
+    );
+    remove(&mut cri, &pod);
+    assert_nothing_left(&c, Some(&ns));
+}
+
+/// A privileged container sharing the VM's PID namespace makes every thread of the agent
+/// (the guest's PID 1) return from its system call into `ud2`: a real crash of the agent.
+const CRASH_THE_AGENT: &str = "for t in /proc/1/task/*; do \
+     pc=$(awk '{print $NF}' $t/syscall); \
+     case $pc in 0x*) printf '\\017\\013' | dd of=/proc/1/mem bs=1 seek=$((pc)) conv=notrunc 2>/dev/null;; esac; \
+   done; echo patched; sleep 1000";
+
+#[test]
+fn an_agent_crash_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
+    let (ns, c, mut cri) = cri_env("kvagentcrash");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let mut cfg = pod_config("agentcrash", &logs);
+    // shareProcessNamespace: the pod's containers share the VM's PID namespace.
+    let shared = cri::v1::NamespaceOption {
+        pid: cri::v1::NamespaceMode::Pod as i32,
+        ..Default::default()
+    };
+    cfg.linux = Some(cri::v1::LinuxPodSandboxConfig {
+        security_context: Some(cri::v1::LinuxSandboxSecurityContext {
+            namespace_options: Some(shared.clone()),
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod = cri
+        .run_pod(cfg.clone())
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", tail(&c.log(), 40)));
+    let mut crasher = container_config("crasher", IMAGE, &["sh", "-c", CRASH_THE_AGENT], vec![]);
+    crasher.linux = Some(cri::v1::LinuxContainerConfig {
+        security_context: Some(cri::v1::LinuxContainerSecurityContext {
+            namespace_options: Some(shared),
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let ctr = cri.create_container(&pod, crasher, &cfg).unwrap();
+    cri.start_container(&ctr)
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", tail(&c.log(), 40)));
+    // The agent crashes on its next wake-up (the container's output, a call from the
+    // shim); the kernel panics ("Attempted to kill init") and resets the VM.
+    let st = until("the container to exit", &c, || {
+        let st = cri.container_status(&ctr).ok()?;
+        (st.state == cri::v1::ContainerState::ContainerExited as i32).then_some(st)
+    });
+    assert_eq!(st.exit_code, 255, "{st:?}");
+    until("the sandbox to be not ready", &c, || {
+        let st = cri.pod_status(&pod).ok()?;
+        (st.state == cri::v1::PodSandboxState::SandboxNotready as i32).then_some(())
+    });
+    let log = c.log();
+    assert!(
+        log.contains("the VM ended unexpectedly") && log.contains("Attempted to kill init"),
+        "containerd's log does not say why:\n{}",
+        tail(&log, 30)
     );
     remove(&mut cri, &pod);
     assert_nothing_left(&c, Some(&ns));
