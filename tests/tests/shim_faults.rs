@@ -153,6 +153,61 @@ fn a_killed_vmm_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
             "VM process {vm}: no {want:?} in\n{status}"
         );
     }
+    // In a mount namespace of its own whose root holds only what QEMU uses.
+    let ns_of = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns_of(&vm),
+        ns_of("self"),
+        "QEMU shares the host's mount table"
+    );
+    let root = Path::new("/proc").join(&vm).join("root");
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let top = names(&root);
+    for absent in ["proc", "sys", "home", "root", "run"] {
+        assert!(
+            !top.iter().any(|n| n == absent),
+            "/{absent} in QEMU's root: {top:?}"
+        );
+    }
+    assert_eq!(names(&root.join("etc")), ["ld.so.cache"]);
+    assert_eq!(names(&root.join("dev")), ["null"]);
+    // The shim's device threads serving it run under their seccomp filters too.
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:\t"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mut confined = Vec::new();
+    for task in fs::read_dir(format!("/proc/{ppid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if ["vu-", "blk-", "vring_worker"]
+            .iter()
+            .any(|p| comm.starts_with(p))
+        {
+            let st = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            assert!(st.contains("Seccomp:\t2"), "shim thread {comm} unconfined");
+            confined.push(comm.to_owned());
+        }
+    }
+    for kind in ["vu-vsock", "vu-relay-blk", "blk-scratch", "vring_worker"] {
+        assert!(
+            confined.iter().any(|c| c.starts_with(kind)),
+            "no confined {kind} thread in {confined:?}"
+        );
+    }
     let killed = Command::new("pkill")
         .args(["-9", "-f", &format!("qemu-system.*{}", c.dir.display())])
         .status()

@@ -159,7 +159,10 @@ impl From<&[NamedDevice]> for DeviceCounters {
 pub fn create_devices(config: &mut VmConfig) -> Result<Vec<NamedDevice>, BuildError> {
     let mut out: Vec<NamedDevice> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        let dev = devices::block::Block::new(disk.clone())?;
+        let setup = config
+            .seccomp
+            .then_some(crate::seccomp::confine_disk_io as fn() -> Result<(), String>);
+        let dev = devices::block::Block::with_io_setup(disk.clone(), setup)?;
         out.push((format!("blk{i}"), Arc::new(Mutex::new(dev))));
     }
     for (i, net) in std::mem::take(&mut config.nets).into_iter().enumerate() {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod confine;
 pub mod doctor;
 pub mod guests;
+pub mod jail;
 pub mod legacy;
 pub mod qemu;
 pub mod seccomp;

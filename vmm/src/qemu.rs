@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use devices::virtio::device_type;
 
 use crate::builder::{create_devices, BuildError, DeviceCounters};
 use crate::config::{SerialOutput, VmConfig};
+use crate::jail::Jail;
 use crate::vhost_user::{serve, VhostUserError, VhostUserServer};
 use crate::vmm::VmExit;
 
@@ -35,6 +36,11 @@ pub enum QemuError {
     },
     #[error("device {name} (virtio type {kind}) has no vhost-user front in QEMU")]
     Unsupported { name: String, kind: u32 },
+    #[error("cannot prepare QEMU's mount namespace (with {path}): {source}")]
+    Jail {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How QEMU runs guest code.
@@ -80,6 +86,21 @@ pub fn remove_socket_dirs(pid: u32) {
     for d in socket_dirs(pid) {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+/// The jail of one QEMU, rooted in its socket directory, holding `files` (writable or not).
+fn jail(dir: &Path, files: &[(&Path, bool)]) -> Result<Jail, QemuError> {
+    let root = dir.join("root");
+    let fail = |path: &Path| {
+        let path = path.to_owned();
+        move |source| QemuError::Jail { path, source }
+    };
+    std::fs::create_dir_all(&root).map_err(fail(&root))?;
+    let mut jail = Jail::new(&root).map_err(fail(&root))?;
+    for (path, writable) in files {
+        jail.bind(path, *writable).map_err(fail(path))?;
+    }
+    Ok(jail)
 }
 
 fn socket_dir() -> Result<PathBuf, QemuError> {
@@ -140,9 +161,18 @@ impl QemuVm {
             "{},debug-threads=on",
             config.name.replace(',', ",,")
         ));
+        // Absolute paths: in its jail QEMU starts in the root directory.
+        let absolute = |p: &Path| {
+            std::fs::canonicalize(p).map_err(|source| QemuError::Jail {
+                path: p.to_owned(),
+                source,
+            })
+        };
+        let kernel = absolute(&config.kernel)?;
+        let initrd = config.initrd.as_deref().map(absolute).transpose()?;
         args.push("-kernel".into());
-        args.push(config.kernel.display().to_string());
-        if let Some(initrd) = &config.initrd {
+        args.push(kernel.display().to_string());
+        if let Some(initrd) = &initrd {
             args.push("-initrd".into());
             args.push(initrd.display().to_string());
         }
@@ -171,28 +201,65 @@ impl QemuVm {
                 }
                 kind => return Err(QemuError::Unsupported { name, kind }),
             };
-            servers.push(serve(&name, device, &socket)?);
+            servers.push(serve(&name, device, &socket, config.seccomp)?);
             args.push("-chardev".into());
             args.push(format!("socket,id={chardev},path={}", socket.display()));
             args.push("-device".into());
             args.push(front);
         }
         let output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
+        let mut output_file = SerialOutput::Sink;
         let (serial, writer) = match output {
             SerialOutput::Stdout => ("stdio".to_string(), None),
             SerialOutput::Sink => ("null".to_string(), None),
-            SerialOutput::File(p) => (format!("file:{}", p.display()), None),
+            SerialOutput::File(p) => {
+                // Made here, so that the jail can hold this one file.
+                std::fs::File::create(&p).map_err(|source| QemuError::Jail {
+                    path: p.clone(),
+                    source,
+                })?;
+                let p = absolute(&p)?;
+                let serial = format!("file:{}", p.display());
+                output_file = SerialOutput::File(p);
+                (serial, None)
+            }
             SerialOutput::Writer(w) => ("stdio".to_string(), Some(w)),
         };
         args.push("-serial".into());
         args.push(serial);
         args.push("-sandbox".into());
         args.push(crate::confine::QEMU_SANDBOX.into());
+        // A private mount namespace needs CAP_SYS_ADMIN: the shim has it, a user's
+        // `kubevirt-vmm run` may not.
+        // SAFETY: geteuid has no preconditions.
+        let jail = if unsafe { libc::geteuid() } == 0 {
+            let mut files: Vec<(&Path, bool)> = vec![(&kernel, false), (&dir, true)];
+            if let Some(i) = &initrd {
+                files.push((i, false));
+            }
+            if let SerialOutput::File(p) = &output_file {
+                files.push((p, true));
+            }
+            files.push((Path::new("/dev/null"), true));
+            if accel == Accel::Kvm {
+                files.push((Path::new("/dev/kvm"), true));
+            }
+            Some(jail(&dir, &files)?)
+        } else {
+            None
+        };
         let mut cmd = Command::new(QEMU);
         cmd.args(&args).stdin(Stdio::null());
-        // SAFETY: drop_all_capabilities makes raw system calls only (no allocation, no lock),
-        // as the child of a threaded process must until it execs.
-        unsafe { cmd.pre_exec(crate::confine::drop_all_capabilities) };
+        // SAFETY: Jail::enter and drop_all_capabilities make raw system calls only (no
+        // allocation, no lock), as the child of a threaded process must until it execs.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(j) = &jail {
+                    j.enter()?;
+                }
+                crate::confine::drop_all_capabilities()
+            })
+        };
         if writer.is_some() {
             cmd.stdout(Stdio::piped());
         }

@@ -165,6 +165,7 @@ impl Worker {
         id: [u8; ID_LEN],
         notify: EventFd,
         threads: usize,
+        setup: Option<fn() -> Result<(), String>>,
     ) -> io::Result<Worker> {
         let (jobs, job_rx) = channel::<Job>();
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -188,6 +189,10 @@ impl Worker {
             let thread = std::thread::Builder::new()
                 .name(thread_name)
                 .spawn(move || {
+                    if let Some(Err(e)) = setup.map(|f| f()) {
+                        log::error!("virtio-blk: I/O thread not started: {e}");
+                        return;
+                    }
                     // The lock is held only while waiting for a job, never across its I/O.
                     // Ends when the device drops its sender.
                     while let Ok(job) = job_rx

@@ -127,8 +127,17 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens the disk and starts its I/O thread.
+    /// Opens the disk and starts its I/O threads.
     pub fn new(config: BlockConfig) -> Result<Block, BlockError> {
+        Self::with_io_setup(config, None)
+    }
+
+    /// [`Block::new`], with `setup` run first on each I/O thread (the embedding program's
+    /// seccomp filter); a thread whose setup fails logs why and serves nothing.
+    pub fn with_io_setup(
+        config: BlockConfig,
+        setup: Option<fn() -> Result<(), String>>,
+    ) -> Result<Block, BlockError> {
         let mut id = [0u8; ID_LEN];
         if let Some(s) = &config.id {
             let bad = |reason| BlockError::BadId {
@@ -168,7 +177,8 @@ impl Block {
             }
             None => DiskSource::Fixed(disk),
         };
-        let worker = Worker::spawn(name, source, id, notify, IO_THREADS).map_err(thread_err)?;
+        let worker =
+            Worker::spawn(name, source, id, notify, IO_THREADS, setup).map_err(thread_err)?;
         let limiter = Limiter::new(config.rate).map_err(|e| BlockError::RateLimit {
             path: config.path.clone(),
             source: e,

@@ -310,16 +310,18 @@ pub fn run_backend(
 /// Serves `image` with our device on `socket` until the front end leaves (the body of
 /// `kubevirt-bench --serve-blk`).
 pub fn serve_ours(image: &Path, socket: &Path) {
-    let block = devices::block::Block::new(devices::block::BlockConfig {
+    // Confined as the shim's disks are.
+    let config = devices::block::BlockConfig {
         path: image.to_owned(),
         read_only: false,
         id: None,
         slot: None,
         rate: Default::default(),
-    })
-    .expect("open the test image");
+    };
+    let block = devices::block::Block::with_io_setup(config, Some(vmm::seccomp::confine_disk_io))
+        .expect("open the test image");
     let device = std::sync::Arc::new(std::sync::Mutex::new(block));
-    vmm::vhost_user::serve("blk", device, socket)
+    vmm::vhost_user::serve("blk", device, socket, true)
         .expect("serve the test image")
         .join();
 }

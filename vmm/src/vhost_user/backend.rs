@@ -170,6 +170,45 @@ impl VhostUserBackendMut for VhostUserDevice {
 
 type Daemon = VhostUserDaemon<Arc<Mutex<VhostUserDevice>>>;
 
+/// Puts the calling device thread under the device filter.
+fn confine(seccomp: bool, name: &str) -> Result<(), VhostUserError> {
+    if !seccomp {
+        return Ok(());
+    }
+    crate::seccomp::install(crate::seccomp::ThreadKind::Device).map_err(|e| {
+        VhostUserError::Daemon {
+            name: name.to_string(),
+            reason: e.to_string(),
+        }
+    })
+}
+
+/// The library's daemon for `device`, its back-end descriptor watched by every vring worker.
+fn daemon(name: &str, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<Daemon, VhostUserError> {
+    let backend_fd: Option<RawFd> = lock(&device).backend_fd();
+    let adapter = Arc::new(Mutex::new(VhostUserDevice::new(device)));
+    let queues = lock(&adapter).queue_count();
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let daemon: Daemon = VhostUserDaemon::new(name.to_string(), adapter, mem).map_err(|e| {
+        VhostUserError::Daemon {
+            name: name.to_string(),
+            reason: format!("{e:?}"),
+        }
+    })?;
+    if let Some(fd) = backend_fd {
+        // Tokens up to the queue count are the library's: the back end takes the next one.
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(fd, EventSet::IN, queues as u64 + 1)
+                .map_err(|source| VhostUserError::Backend {
+                    name: name.to_string(),
+                    source,
+                })?;
+        }
+    }
+    Ok(daemon)
+}
+
 /// A device being served on a vhost-user socket by thread `vu-<name>`.
 #[derive(Debug)]
 pub struct VhostUserServer {
@@ -196,11 +235,14 @@ impl VhostUserServer {
 }
 
 /// Listens on `socket` (before returning, so a frontend started afterwards finds it) and
-/// serves `device` to the first frontend that connects, until it disconnects.
+/// serves `device` to the first frontend that connects, until it disconnects. With
+/// `seccomp`, the serving threads (and the library's vring workers they start) run under
+/// the device filter from before the frontend's first message.
 pub fn serve(
     name: &str,
     device: Arc<Mutex<dyn VirtioDevice>>,
     socket: &Path,
+    seccomp: bool,
 ) -> Result<VhostUserServer, VhostUserError> {
     // The frontend connects to `socket`, where the relay (see proxy.rs) listens; the
     // library listens on a private socket beside it, which the relay connects to.
@@ -213,33 +255,26 @@ pub fn serve(
     let _ = std::fs::remove_file(socket);
     let public = UnixListener::bind(socket)
         .map_err(|e| listen_err(vhost::vhost_user::Error::SocketError(e)))?;
-    let backend_fd: Option<RawFd> = lock(&device).backend_fd();
     let session_device = device.clone();
-    let adapter = Arc::new(Mutex::new(VhostUserDevice::new(device)));
-    let queues = lock(&adapter).queue_count();
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon: Daemon = VhostUserDaemon::new(name.to_string(), adapter, mem).map_err(|e| {
-        VhostUserError::Daemon {
-            name: name.to_string(),
-            reason: format!("{e:?}"),
-        }
-    })?;
-    if let Some(fd) = backend_fd {
-        // Tokens up to the queue count are the library's: the back end takes the next one.
-        for handler in daemon.get_epoll_handlers() {
-            handler
-                .register_listener(fd, EventSet::IN, queues as u64 + 1)
-                .map_err(|source| VhostUserError::Backend {
-                    name: name.to_string(),
-                    source,
-                })?;
-        }
-    }
     let thread_name = format!("vu-{name}");
     let log_name = name.to_string();
+    // The daemon is made on its serving thread, after the filter: the library starts its
+    // vring workers as it makes it, and they inherit the filter.
+    let (ready_tx, ready) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(thread_name.clone())
         .spawn(move || {
+            let made = confine(seccomp, &log_name).and_then(|()| daemon(&log_name, device));
+            let mut daemon = match made {
+                Ok(d) => {
+                    let _ = ready_tx.send(Ok(()));
+                    d
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
             let served = daemon.start(&mut listener).and_then(|()| daemon.wait());
             if let Err(e) = served {
                 // A frontend that simply went away ends the connection with an error too.
@@ -257,10 +292,25 @@ pub fn serve(
             name: thread_name.clone(),
             source,
         })?;
+    let started = ready.recv().unwrap_or_else(|_| {
+        Err(VhostUserError::Daemon {
+            name: name.to_string(),
+            reason: "its thread ended".into(),
+        })
+    });
+    if let Err(e) = started {
+        let _ = thread.join();
+        return Err(e);
+    }
     let relay_name = format!("vu-relay-{name}");
+    let log_name = name.to_string();
     let relay = std::thread::Builder::new()
         .name(relay_name.clone())
         .spawn(move || {
+            if let Err(e) = confine(seccomp, &log_name) {
+                log::error!("{e}");
+                return;
+            }
             let relayed = public.accept().and_then(|(front, _)| {
                 let back = UnixStream::connect(&inner);
                 let _ = std::fs::remove_file(&inner);
