@@ -451,6 +451,7 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
     let _ = writeln!(r, "|---|---:|---:|---:|---:|---:|");
     let mut worst = f64::INFINITY;
     let mut behind = Vec::new();
+    let mut why = Vec::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
         let (o, q) = (&ours[i], &qsd[i]);
         let ratio = o.iops / q.iops.max(1e-9);
@@ -462,6 +463,23 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
         worst = worst.min(ratio);
         if ratio < 1.0 {
             behind.push(format!("{} ({ratio:.2}x)", w.name));
+            why.push(if w.shape.block >= 1 << 20 {
+                let copy = copy_us(w.shape.block as usize);
+                format!(
+                    "{}: each request is one {} KiB copy between the page cache and guest                      memory in either back end, and a plain copy of that size takes {copy:.0} us                      on this host: {:.0}% of ours' {:.1} us CPU per request ({:.1} us for                      qemu-storage-daemon), so the copy bounds both and ours spends {} CPU per                      request",
+                    w.name,
+                    w.shape.block >> 10,
+                    100.0 * copy / o.cpu_us_per_io.max(1e-9),
+                    o.cpu_us_per_io,
+                    q.cpu_us_per_io,
+                    if o.cpu_us_per_io <= q.cpu_us_per_io { "less" } else { "more" }
+                )
+            } else {
+                format!(
+                    "{}: ours {:.1} us CPU per request, qemu-storage-daemon {:.1} us",
+                    w.name, o.cpu_us_per_io, q.cpu_us_per_io
+                )
+            });
         }
         let fmt = |x: &Outcome| {
             if w.shape.block >= 1 << 20 {
@@ -489,9 +507,28 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
     if !behind.is_empty() {
         let _ = writeln!(
             r,
-            "  - behind on: {}. Differences within ~10% are inside this host's run-to-run \
-             noise; see the per-round lines on stderr.",
-            behind.join(", ")
+            "  - behind on: {}. Where the time goes: {}. Differences within ~10% are inside \
+             this host's run-to-run noise; see the per-round lines on stderr.",
+            behind.join(", "),
+            why.join("; ")
         );
     }
+}
+
+/// Microseconds one `len`-byte memory copy takes here (median of 64, buffers larger than
+/// the caches, as guest memory and the page cache are).
+fn copy_us(len: usize) -> f64 {
+    let span = 64 << 20;
+    let src = vec![1u8; span];
+    let mut dst = vec![0u8; span];
+    let mut times = Vec::new();
+    for i in 0..64 {
+        let at = (i * len) % (span - len);
+        let t = std::time::Instant::now();
+        dst[at..at + len].copy_from_slice(std::hint::black_box(&src[at..at + len]));
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        std::hint::black_box(&dst);
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
