@@ -25,6 +25,7 @@ pub mod netns;
 pub mod podbench;
 pub mod stream;
 pub mod threads;
+pub mod vsockbench;
 
 /// Path of tiny test guest `name` (assembled from `vmm/guests/<name>.S`).
 pub fn guest(name: &str) -> PathBuf {

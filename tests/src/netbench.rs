@@ -186,13 +186,22 @@ pub fn throughput_section(r: &mut String, rounds: usize, image: &str, progress: 
             vec![],
             None,
         ),
+        (
+            "vsock host -> guest (raw stream: hybrid socket, vhost-user-vsock; device-test guest)",
+            vec![],
+            None,
+        ),
+        ("vsock guest -> host", vec![], None),
     ];
     for round in 0..rounds {
         progress(&format!("throughput, round {} of {rounds} ...", round + 1));
+        let vsock = crate::vsockbench::vsock_rates(&c.dir, MIB << 20);
         let results = [
             host_to_guest(&ns, &mut cri, &pod, &cfg, image, &ip, round),
             guest_to_host(&ns, &mut cri, &pod, &cfg, image, round),
             stdout_to_log(&c, &mut cri, &pod, &cfg, image, round),
+            vsock.clone().map(|v| v.0),
+            vsock.map(|v| v.1),
         ];
         for (row, res) in rows.iter_mut().zip(results) {
             match res {
@@ -220,7 +229,9 @@ pub fn throughput_section(r: &mut String, rounds: usize, image: &str, progress: 
         r,
         "\nThe guest runs under QEMU's TCG here, so its CPU, not our device back ends, bounds \
          these figures; they show that the paths carry bulk data, not what a native-KVM node \
-         reaches. The vhost-user-blk section compares a back end with a peer directly. pod -> host \
+         reaches (the vsock rows run a guest that only copies bytes, so they show the device path \
+         with the least guest work). The vhost-user-blk section compares a back end with a peer \
+         directly. pod -> host \
          TCP far below host -> pod is not explained yet (the guest's transmit path under TCG, \
          or our device's used-buffer signalling): to profile.\n"
     );
