@@ -83,6 +83,27 @@ fn echo_in(
     });
 }
 
+/// After the VM ended under a running pod: the container's task exits (255: no status from
+/// a dead guest), the sandbox is no longer ready (what kubelet needs to restart the pod), and
+/// containerd's log says how the VM ended, with `console` from the guest's last words.
+fn assert_vm_end_reported(cri: &mut Cri, c: &Containerd, pod: &str, ctr: &str, console: &str) {
+    let st = until("the container to exit", c, || {
+        let st = cri.container_status(ctr).ok()?;
+        (st.state == cri::v1::ContainerState::ContainerExited as i32).then_some(st)
+    });
+    assert_eq!(st.exit_code, 255, "{st:?}");
+    until("the sandbox to be not ready", c, || {
+        let st = cri.pod_status(pod).ok()?;
+        (st.state == cri::v1::PodSandboxState::SandboxNotready as i32).then_some(())
+    });
+    let log = c.log();
+    assert!(
+        log.contains("the VM ended unexpectedly") && log.contains(console),
+        "containerd's log does not say why:\n{}",
+        tail(&log, 30)
+    );
+}
+
 fn remove(cri: &mut Cri, pod: &str) {
     cri.stop_pod(pod).unwrap();
     cri.remove_pod(pod).unwrap();
@@ -213,22 +234,7 @@ fn a_killed_vmm_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
         .status()
         .unwrap();
     assert!(killed.success(), "no VM process to kill");
-    // The container's task exits (255: no status from a dead guest) and the sandbox is no
-    // longer ready: what kubelet needs to restart the pod.
-    let st = until("the container to exit", &c, || {
-        let st = cri.container_status(&ctr).ok()?;
-        (st.state == cri::v1::ContainerState::ContainerExited as i32).then_some(st)
-    });
-    assert_eq!(st.exit_code, 255, "{st:?}");
-    until("the sandbox to be not ready", &c, || {
-        let st = cri.pod_status(&pod).ok()?;
-        (st.state == cri::v1::PodSandboxState::SandboxNotready as i32).then_some(())
-    });
-    assert!(
-        c.log().contains("the VM ended unexpectedly"),
-        "containerd's log does not say why:\n{}",
-        tail(&c.log(), 30)
-    );
+    assert_vm_end_reported(&mut cri, &c, &pod, &ctr, "");
     remove(&mut cri, &pod);
     assert_nothing_left(&c, Some(&ns));
 }
@@ -276,21 +282,7 @@ fn an_agent_crash_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", tail(&c.log(), 40)));
     // The agent crashes on its next wake-up (the container's output, a call from the
     // shim); the kernel panics ("Attempted to kill init") and resets the VM.
-    let st = until("the container to exit", &c, || {
-        let st = cri.container_status(&ctr).ok()?;
-        (st.state == cri::v1::ContainerState::ContainerExited as i32).then_some(st)
-    });
-    assert_eq!(st.exit_code, 255, "{st:?}");
-    until("the sandbox to be not ready", &c, || {
-        let st = cri.pod_status(&pod).ok()?;
-        (st.state == cri::v1::PodSandboxState::SandboxNotready as i32).then_some(())
-    });
-    let log = c.log();
-    assert!(
-        log.contains("the VM ended unexpectedly") && log.contains("Attempted to kill init"),
-        "containerd's log does not say why:\n{}",
-        tail(&log, 30)
-    );
+    assert_vm_end_reported(&mut cri, &c, &pod, &ctr, "Attempted to kill init");
     remove(&mut cri, &pod);
     assert_nothing_left(&c, Some(&ns));
 }

@@ -147,6 +147,23 @@ const DISK_IO_EXTRA: &[i64] = &[
     libc::SYS_lseek,
 ];
 
+/// `openat` flags that write, create or truncate: none may be set (`__O_TMPFILE` alone:
+/// `O_TMPFILE` also holds the bit of `O_DIRECTORY`, which a read-only open may use).
+const OPEN_WRITE_FLAGS: u64 =
+    (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND | 0o2000_0000) as u64;
+
+/// glibc looks things up lazily on whichever thread first needs them (the malloc arena
+/// limit from /sys/devices/system/cpu/online is one seen here, under load, even after
+/// `settle_process`): every thread may open files read-only, none may write or create one.
+fn read_only_open() -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(OPEN_WRITE_FLAGS),
+        0,
+    )?])
+}
+
 fn ioctl_rule(request: u64) -> Result<SeccompRule, seccompiler::BackendError> {
     SeccompRule::new(vec![SeccompCondition::new(
         1,
@@ -183,6 +200,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         .map(ioctl_rule)
         .collect::<Result<Vec<_>, _>>();
     rules.insert(libc::SYS_ioctl, ioctl_rules.map_err(build)?);
+    rules.insert(libc::SYS_openat, vec![read_only_open().map_err(build)?]);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -264,13 +282,37 @@ mod tests {
     fn a_device_thread_may_start_threads_that_inherit_its_filter() {
         let status = in_child(ThreadKind::Device, || {
             let t = std::thread::spawn(|| {
-                // SAFETY: opening a file is harmless; no filter here allows it.
-                unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+                // SAFETY: opening /dev/null for writing is harmless; no filter allows it.
+                unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY) };
             });
             let _ = t.join();
         });
         assert!(libc::WIFSIGNALED(status), "status {status}");
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+    }
+
+    #[test]
+    fn files_open_read_only_or_not_at_all() {
+        for kind in ALL {
+            let status = in_child(kind, || {
+                // SAFETY: a read-only open of /dev/null, then closing it.
+                let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+                // SAFETY: closing the descriptor just opened.
+                unsafe { libc::close(fd) };
+            });
+            assert!(libc::WIFEXITED(status), "{kind:?}: status {status}");
+            let status = in_child(kind, || {
+                let path = c"/tmp/kubevirt-seccomp-never-made";
+                let flags = libc::O_WRONLY | libc::O_CREAT;
+                // SAFETY: creating a file is forbidden by the filter; the call never returns.
+                unsafe { libc::open(path.as_ptr(), flags, 0o600) };
+            });
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "{kind:?}: status {status}"
+            );
+        }
+        assert!(!std::path::Path::new("/tmp/kubevirt-seccomp-never-made").exists());
     }
 
     #[test]
