@@ -296,8 +296,10 @@ impl Containers {
         }
         let p = self.process(id, exec_id)?;
         if self.exits.try_get(p.pid).is_some() {
-            return Ok(()); // already ended: nothing to signal, as runc
+            log::info!("container {id}: {sig} to pid {}: already ended", p.pid);
+            return Ok(()); // nothing to signal, as runc
         }
+        log::info!("container {id}: {sig} to pid {}", p.pid);
         kill(Pid::from_raw(p.pid), sig)
             .map_err(AgentError::sys(format!("signal {sig} to {id}/{exec_id}")))
     }
@@ -308,6 +310,11 @@ impl Containers {
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
         let p = self.process(id, exec_id)?;
         let exit = self.exits.wait(p.pid);
+        log::info!(
+            "container {id}: pid {} ended, status {}",
+            p.pid,
+            exit.status
+        );
         if exec_id.is_empty() {
             let left = self.get(id).and_then(|c| c.pids()).unwrap_or_default();
             for pid in left {

@@ -19,6 +19,7 @@ mod rates;
 mod rootfs;
 mod rpc;
 mod service;
+mod stdin;
 mod stdio;
 mod task;
 

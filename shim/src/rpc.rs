@@ -9,9 +9,7 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::topics;
 use containerd_shim::{TtrpcContext, TtrpcResult};
-use protocol::agent::{
-    ContainerRequest, ProcessRequest, ResizeTtyRequest, SignalRequest, UpdateContainerRequest,
-};
+use protocol::agent::{ContainerRequest, ResizeTtyRequest, SignalRequest, UpdateContainerRequest};
 
 use crate::error::ShimError;
 use crate::metrics;
@@ -199,7 +197,9 @@ impl containerd_shim::Task for TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        execs.insert(req.exec_id.clone(), Proc::new(&req.exec_id, io, spec));
+        let p =
+            Proc::new(&req.exec_id, io, spec).map_err(ShimError::io("open the process stdin"))?;
+        execs.insert(req.exec_id.clone(), p);
         drop(execs);
         let ev = TaskExecAdded {
             container_id: req.id.clone(),
@@ -232,17 +232,10 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn close_io(&self, _: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        let (t, p) = self.process(&req.id, &req.exec_id)?;
+        let (_, p) = self.process(&req.id, &req.exec_id)?;
         if req.stdin && !p.io.stdin.is_empty() {
-            let r = ProcessRequest {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                ..Default::default()
-            };
-            t.pod
-                .agent
-                .close_stdin(ctx(), &r)
-                .map_err(ShimError::agent("close stdin"))?;
+            // The stdin pump delivers what is queued, then closes (also if not started yet).
+            p.stdin.request_close();
         }
         Ok(api::Empty::new())
     }

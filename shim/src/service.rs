@@ -363,7 +363,7 @@ impl TaskService {
             pod,
             slot,
             alive,
-            init: Proc::new("", io, Vec::new()),
+            init: Proc::new("", io, Vec::new()).map_err(ShimError::io("open the process stdin"))?,
             execs: Mutex::default(),
         });
         self.tasks
@@ -431,7 +431,7 @@ impl TaskService {
             phases.mark("agent start");
             log::info!("container {}: start phases: {}", t.id, phases.line());
         }
-        let pumps = Pumps::start(agent, &t.id, &p.exec_id, &p.io);
+        let pumps = Pumps::start(agent, &t.id, &p.exec_id, &p.io, &p.stdin);
         // Exit is reported after the output reached containerd, so nothing is cut off.
         let (agent, publisher, ns, task, proc_) = (
             agent.clone(),
@@ -460,7 +460,16 @@ impl TaskService {
                     }
                 }
             };
+            let ended = std::time::Instant::now();
             pumps.finish();
+            proc_.stdin.request_close(); // nothing reads it any more: end the stdin pump
+            log::info!(
+                "container {}: process {:?} exited with {}, output drained in {:.1} ms",
+                task.id,
+                proc_.exec_id,
+                exit.status,
+                ended.elapsed().as_secs_f64() * 1e3
+            );
             proc_.exit(exit);
             let ev = TaskExit {
                 container_id: task.id.clone(),

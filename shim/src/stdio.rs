@@ -2,12 +2,15 @@
 //! always drained, also without a reader, so a container never blocks on a full pipe.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use protocol::agent::{ProcessRequest, ReadStreamRequest, WriteStreamRequest};
+use protocol::agent::ReadStreamRequest;
 use protocol::agent_ttrpc::AgentClient;
 use protocol::ttrpc::context;
+
+use crate::stdin::Stdin;
 
 /// Largest chunk moved per call.
 const CHUNK: u32 = 64 * 1024;
@@ -78,43 +81,14 @@ fn pump_output(
     })
 }
 
-fn pump_input(agent: AgentClient, container: String, exec_id: String, path: String) {
-    std::thread::spawn(move || {
-        let Ok(mut f) = File::open(&path) else {
-            log::warn!("open stdin {path}: cannot read it");
-            return;
-        };
-        let mut buf = vec![0u8; CHUNK as usize];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let req = WriteStreamRequest {
-                        container_id: container.clone(),
-                        exec_id: exec_id.clone(),
-                        data: buf[..n].to_vec(),
-                        ..Default::default()
-                    };
-                    if agent
-                        .write_stdin(context::Context::default(), &req)
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        }
-        let req = ProcessRequest {
-            container_id: container,
-            exec_id,
-            ..Default::default()
-        };
-        let _ = agent.close_stdin(context::Context::default(), &req);
-    });
-}
-
 impl Pumps {
-    pub fn start(agent: &AgentClient, container: &str, exec_id: &str, io: &StdioPaths) -> Pumps {
+    pub fn start(
+        agent: &AgentClient,
+        container: &str,
+        exec_id: &str,
+        io: &StdioPaths,
+        stdin: &Arc<Stdin>,
+    ) -> Pumps {
         let mut outputs = vec![pump_output(
             agent.clone(),
             container.into(),
@@ -131,14 +105,12 @@ impl Pumps {
                 true,
             ));
         }
-        if !io.stdin.is_empty() {
-            pump_input(
-                agent.clone(),
-                container.into(),
-                exec_id.into(),
-                io.stdin.clone(),
-            );
-        }
+        crate::stdin::pump(
+            agent.clone(),
+            container.into(),
+            exec_id.into(),
+            stdin.clone(),
+        );
         Pumps { outputs }
     }
 

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::pod::Pod;
+use crate::stdin::Stdin;
 use crate::stdio::StdioPaths;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,13 +35,17 @@ pub struct Proc {
     pub io: StdioPaths,
     /// The OCI process (JSON) of an exec.
     pub spec: Vec<u8>,
+    /// The stdin FIFO, open from creation, and containerd's CloseIO for its pump.
+    pub stdin: Arc<Stdin>,
     state: Mutex<ProcState>,
     exited: Condvar,
 }
 
 impl Proc {
-    pub fn new(exec_id: &str, io: StdioPaths, spec: Vec<u8>) -> Arc<Proc> {
-        Arc::new(Proc {
+    pub fn new(exec_id: &str, io: StdioPaths, spec: Vec<u8>) -> std::io::Result<Arc<Proc>> {
+        let stdin = Arc::new(Stdin::open(&io.stdin)?);
+        Ok(Arc::new(Proc {
+            stdin,
             exec_id: exec_id.to_owned(),
             io,
             spec,
@@ -50,7 +55,7 @@ impl Proc {
                 exit: None,
             }),
             exited: Condvar::new(),
-        })
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ProcState> {

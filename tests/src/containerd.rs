@@ -3,6 +3,7 @@
 //! kernel and initramfs. Stopped, and its directory removed, on drop.
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -279,6 +280,25 @@ impl Containerd {
             .stdin(Stdio::null())
             .output()
             .expect("run ctr")
+    }
+
+    /// `ctr --address <ours> ARGS` with `input` on its stdin.
+    pub fn ctr_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ctr");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().expect("wait for ctr");
+        writer.join().unwrap().expect("write ctr's stdin");
+        out
     }
 
     /// Runs ctr and asserts success; returns stdout.

@@ -33,11 +33,24 @@ fn wait_task_ls(c: &Containerd, what: &str, done: impl Fn(&str) -> bool) {
         if done(&ls) {
             return;
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "waiting for {what}: {ls}\n{}",
-            tail(&c.log(), 30)
-        );
+        if t0.elapsed() > Duration::from_secs(30) {
+            let shims = Command::new("pgrep")
+                .args([
+                    "-f",
+                    &format!("containerd-shim-kubevirt-v1 .*{}", c.dir.display()),
+                ])
+                .output()
+                .unwrap();
+            let threads: String = String::from_utf8_lossy(&shims.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .map(tests::threads::report)
+                .collect();
+            panic!(
+                "waiting for {what}: {ls}\n{}\n{threads}",
+                tail(&c.log(), 40)
+            );
+        }
         thread::sleep(Duration::from_millis(100));
     }
 }
@@ -124,6 +137,33 @@ fn ctr_run_uname_exit_codes_exec_metrics_kill() {
         "echo exec-ok; cat /etc/image-marker",
     ]);
     assert_eq!(out, "exec-ok\nbusybox test image\n");
+    // stdin reaches an exec and its end closes it: piped input, and an empty stdin that ctr
+    // closes (CloseIO) before the exec has even started.
+    let input: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    let piped = c.ctr_with_input(
+        &["task", "exec", "--exec-id", "in1", "sleeper", "cat"],
+        &input,
+    );
+    assert!(piped.status.success(), "{piped:?}");
+    assert!(
+        piped.stdout == input,
+        "cat gave back {} of {} bytes",
+        piped.stdout.len(),
+        input.len()
+    );
+    for n in 0..3 {
+        let empty = c.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            &format!("in-null{n}"),
+            "sleeper",
+            "cat",
+        ]);
+        assert_eq!(empty, "");
+    }
     let metrics = c.ctr_ok(&["task", "metrics", "sleeper"]);
     assert!(
         metrics.contains("memory.usage_in_bytes") || metrics.contains("memory"),
