@@ -22,6 +22,15 @@ impl containerd_shim::Shim for Service {
     type T = TaskService;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        if args.action.is_empty() {
+            // Serving: the process has one thread yet. Children will start on the spawner,
+            // which stays unconfined; every thread made from here on inherits the filter.
+            vmm::spawn::start();
+            if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Control) {
+                eprintln!("containerd-shim-kubevirt-v1: {e}");
+                std::process::exit(1);
+            }
+        }
         Service {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),

@@ -134,10 +134,9 @@ pub fn set_volume_source(spec: &mut serde_json::Value, index: usize, slot: &str)
 
 /// The file system on a host block device (`blkid`), empty for a raw device.
 pub fn fstype(dev: &Path) -> String {
-    std::process::Command::new("blkid")
-        .args(["-o", "value", "-s", "TYPE"])
-        .arg(dev)
-        .output()
+    let mut cmd = std::process::Command::new("blkid");
+    cmd.args(["-o", "value", "-s", "TYPE"]).arg(dev);
+    vmm::spawn::output(cmd)
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
 }

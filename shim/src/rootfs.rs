@@ -63,8 +63,8 @@ impl Layers {
     }
 }
 
-fn run(what: &str, cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().map_err(ShimError::io(format!("run {what}")))?;
+fn run(what: &str, cmd: Command) -> Result<()> {
+    let out = vmm::spawn::output(cmd).map_err(ShimError::io(format!("run {what}")))?;
     if !out.status.success() {
         return Err(ShimError::Command {
             what: what.to_owned(),
@@ -155,13 +155,9 @@ pub fn image(layers: &Layers, cache: &Path, scratch_dir: &Path) -> Result<(PathB
         layers,
         &cache.join(format!("{key}.view.{}", std::process::id())),
     )?;
-    let built = run(
-        &format!("mkfs.erofs into {}", tmp.display()),
-        Command::new("mkfs.erofs")
-            .arg("--quiet")
-            .arg(&tmp)
-            .arg(&view.dir),
-    );
+    let mut mkfs = Command::new("mkfs.erofs");
+    mkfs.arg("--quiet").arg(&tmp).arg(&view.dir);
+    let built = run(&format!("mkfs.erofs into {}", tmp.display()), mkfs);
     drop(view);
     if let Err(e) = built {
         let _ = fs::remove_file(&tmp);
@@ -180,17 +176,15 @@ pub fn scratch_disk(path: &Path, mib: u64) -> Result<()> {
     f.set_len(mib << 20)
         .map_err(ShimError::io(format!("size {}", path.display())))?;
     drop(f);
-    run(
-        "mkfs.ext4",
-        Command::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-E",
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-            ])
-            .arg(path),
-    )
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args([
+        "-q",
+        "-F",
+        "-E",
+        "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+    ])
+    .arg(path);
+    run("mkfs.ext4", mkfs)
 }
 
 #[cfg(test)]

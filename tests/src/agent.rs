@@ -2,6 +2,7 @@
 //! `kubevirt-vmm run --machine auto`, connects to the agent over the hybrid vsock and offers the
 //! calls the tests make (container specs, run to completion, collect output).
 
+use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
@@ -183,6 +184,45 @@ impl GuestVm {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl GuestVm {
+    /// Kills the VMM process alone, not its process group, and says whether its children
+    /// (QEMU) ended too within `within`.
+    pub fn kill_vmm_only(&mut self, within: Duration) -> Result<(), String> {
+        let pid = self.child.id();
+        // Each thread lists the children it forked.
+        let children: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|c| c.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        if children.is_empty() {
+            return Err(format!("VMM {pid} has no child process"));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        vmm::qemu::remove_socket_dirs(pid);
+        let alive = |p: &String| {
+            fs::read_to_string(format!("/proc/{p}/stat"))
+                .map(|s| !s.rsplit(") ").next().unwrap_or("").starts_with('Z'))
+                .unwrap_or(false)
+        };
+        let deadline = Instant::now() + within;
+        while children.iter().any(alive) {
+            if Instant::now() > deadline {
+                let left: Vec<&String> = children.iter().filter(|p| alive(p)).collect();
+                for p in &left {
+                    let _ = std::process::Command::new("kill").args(["-9", p]).status();
+                }
+                return Err(format!("children {left:?} outlived the killed VMM {pid}"));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 }
 

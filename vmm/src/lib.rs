@@ -17,6 +17,7 @@ pub mod jail;
 pub mod legacy;
 pub mod qemu;
 pub mod seccomp;
+pub mod spawn;
 pub mod vcpu;
 pub mod vhost_user;
 pub mod virtio_mmio;

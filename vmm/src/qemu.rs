@@ -250,10 +250,15 @@ impl QemuVm {
         };
         let mut cmd = Command::new(QEMU);
         cmd.args(&args).stdin(Stdio::null());
-        // SAFETY: Jail::enter and drop_all_capabilities make raw system calls only (no
+        // SAFETY: prctl, Jail::enter and drop_all_capabilities make raw system calls only (no
         // allocation, no lock), as the child of a threaded process must until it execs.
         unsafe {
             cmd.pre_exec(move || {
+                // QEMU ends with the process that started it (the spawner thread lives as
+                // long as the process): a killed VMM or shim leaves no VM behind.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if let Some(j) = &jail {
                     j.enter()?;
                 }
@@ -264,7 +269,7 @@ impl QemuVm {
             cmd.stdout(Stdio::piped());
         }
         log::debug!("starting {QEMU} {}", args.join(" "));
-        let mut child = cmd.spawn().map_err(|source| QemuError::Spawn {
+        let mut child = crate::spawn::spawn(cmd).map_err(|source| QemuError::Spawn {
             binary: QEMU.into(),
             source,
         })?;
