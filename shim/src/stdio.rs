@@ -3,9 +3,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use protocol::agent::ReadStreamRequest;
 use protocol::agent_ttrpc::AgentClient;
 use protocol::ttrpc::context;
@@ -30,11 +33,29 @@ pub struct Pumps {
     outputs: Vec<JoinHandle<()>>,
 }
 
+/// Opens containerd's output FIFO on the caller's thread, while the client that asked for the
+/// process waits on the request (`ctr run -d` reads only until it detaches: a writer opened
+/// after that would wait forever for a reader). A reader of our own lets the open return at
+/// once; it is closed straight after, so once containerd's reader has gone writes fail
+/// (EPIPE) and the output is drained and dropped instead of filling the FIFO.
 fn open_fifo_for_writing(path: &str) -> Option<File> {
     if path.is_empty() {
         return None;
     }
-    match OpenOptions::new().write(true).open(path) {
+    let open = || -> std::io::Result<File> {
+        let _reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(path)?;
+        let writer = OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(path)?;
+        // Blocking writes from here on: a slow reader slows the process, as with runc.
+        fcntl(writer.as_raw_fd(), FcntlArg::F_SETFL(OFlag::empty()))?;
+        Ok(writer)
+    };
+    match open() {
         Ok(f) => Some(f),
         Err(e) => {
             log::warn!("open {path}: {e}; output is discarded");
@@ -50,8 +71,8 @@ fn pump_output(
     path: String,
     stderr: bool,
 ) -> JoinHandle<()> {
+    let mut sink = open_fifo_for_writing(&path);
     std::thread::spawn(move || {
-        let mut sink = open_fifo_for_writing(&path);
         let req = ReadStreamRequest {
             container_id: container,
             exec_id,
@@ -119,5 +140,51 @@ impl Pumps {
         for t in self.outputs {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use nix::sys::stat::Mode;
+    use nix::unistd::mkfifo;
+
+    use super::*;
+
+    fn fifo(name: &str) -> (std::path::PathBuf, String) {
+        let dir = std::env::temp_dir().join(format!("shim-stdio-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out");
+        mkfifo(&path, Mode::from_bits_truncate(0o600)).unwrap();
+        (dir, path.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn an_output_fifo_nobody_reads_opens_at_once_and_refuses_writes() {
+        let (dir, path) = fifo("gone");
+        let mut w = open_fifo_for_writing(&path).expect("opened without a reader");
+        let e = w.write_all(b"lost").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_output_fifo_with_a_reader_delivers() {
+        let (dir, path) = fifo("read");
+        let mut r = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let mut w = open_fifo_for_writing(&path).unwrap();
+        w.write_all(b"hello").unwrap();
+        drop(w);
+        let mut got = String::new();
+        r.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "hello");
+        assert!(open_fifo_for_writing("").is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
