@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use protocol::agent::ReadStreamRequest;
@@ -64,6 +65,38 @@ fn open_fifo_for_writing(path: &str) -> Option<File> {
     }
 }
 
+/// Where a process's output goes. When containerd's reader goes away (a containerd restart)
+/// output is dropped, not queued, and the FIFO is reopened once a reader is back: the
+/// restarted containerd's, which picks up the logs of running containers.
+struct Sink {
+    path: String,
+    file: Option<File>,
+    retry_at: Instant,
+}
+
+impl Sink {
+    fn write(&mut self, data: &[u8]) {
+        if self.file.is_none() && !self.path.is_empty() && Instant::now() >= self.retry_at {
+            // Opens only where a reader is (ENXIO otherwise); a second between tries.
+            self.retry_at = Instant::now() + Duration::from_secs(1);
+            self.file = OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&self.path)
+                .and_then(|f| {
+                    fcntl(f.as_raw_fd(), FcntlArg::F_SETFL(OFlag::empty()))?;
+                    Ok(f)
+                })
+                .ok();
+        }
+        if let Some(f) = self.file.as_mut() {
+            if f.write_all(data).is_err() {
+                self.file = None; // the reader went away: keep draining
+            }
+        }
+    }
+}
+
 fn pump_output(
     agent: AgentClient,
     container: String,
@@ -71,7 +104,11 @@ fn pump_output(
     path: String,
     stderr: bool,
 ) -> JoinHandle<()> {
-    let mut sink = open_fifo_for_writing(&path);
+    let mut sink = Sink {
+        file: open_fifo_for_writing(&path),
+        path,
+        retry_at: Instant::now(),
+    };
     std::thread::spawn(move || {
         let req = ReadStreamRequest {
             container_id: container,
@@ -93,11 +130,7 @@ fn pump_output(
                     return;
                 }
             };
-            if let Some(f) = sink.as_mut() {
-                if f.write_all(&data).is_err() {
-                    sink = None; // the reader went away: keep draining
-                }
-            }
+            sink.write(&data);
         }
     })
 }
@@ -167,6 +200,30 @@ mod tests {
         let mut w = open_fifo_for_writing(&path).expect("opened without a reader");
         let e = w.write_all(b"lost").unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn output_resumes_once_a_reader_is_back() {
+        let (dir, path) = fifo("back");
+        let mut sink = Sink {
+            file: open_fifo_for_writing(&path),
+            path: path.clone(),
+            retry_at: Instant::now(),
+        };
+        sink.write(b"lost");
+        assert!(sink.file.is_none(), "no reader: the FIFO is let go");
+        let mut r = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        sink.retry_at = Instant::now();
+        sink.write(b"again");
+        drop(sink);
+        let mut got = String::new();
+        r.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "again");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

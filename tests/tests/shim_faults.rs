@@ -364,6 +364,24 @@ fn a_restarted_containerd_finds_its_pods_running_and_removes_them() {
     let logs = c.dir.join("pod-logs");
     fs::create_dir_all(&logs).unwrap();
     let (pod, ctr, cfg) = pod_with_sleeper(&mut cri, &c, "survivor", &logs);
+    // A container that keeps printing: its log goes on after the restart.
+    let ticks = "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.1; done";
+    let ticker = cri
+        .create_container(
+            &pod,
+            container_config("ticker", IMAGE, &["sh", "-c", ticks], vec![]),
+            &cfg,
+        )
+        .unwrap();
+    cri.start_container(&ticker).unwrap();
+    let last_tick = || -> Option<u64> {
+        fs::read_to_string(cri::log_file(&logs, "ticker"))
+            .ok()?
+            .lines()
+            .filter_map(|l| l.rsplit("tick-").next()?.parse().ok())
+            .max()
+    };
+    let before = until("the ticker's output", &c, last_tick);
     c.restart();
     let mut cri = Cri::connect(&c.socket()).expect("reconnect to the CRI");
     // The CRI answers "not initialized" while it reloads its state (kubelet retries too).
@@ -382,6 +400,9 @@ fn a_restarted_containerd_finds_its_pods_running_and_removes_them() {
     );
     let r = cri.exec_sync(&ctr, &["echo", "still-here"]).unwrap();
     assert_eq!(r.stdout, b"still-here\n");
+    until("the ticker's log to go on after the restart", &c, || {
+        last_tick().filter(|n| *n > before + 20)
+    });
     // The pod's shim takes new containers from the new containerd.
     echo_in(&mut cri, &c, &pod, &cfg, &logs, "late", "late-container");
     remove(&mut cri, &pod);
