@@ -88,6 +88,20 @@ fn connect_retrying(addr: std::net::SocketAddr) -> Result<TcpStream, String> {
     }
 }
 
+/// Reads `s` to its end: the bytes, and the time from the first of them to the end.
+fn receive_all(s: &mut TcpStream) -> Result<(usize, Duration), String> {
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut got, mut t0) = (0, None);
+    loop {
+        let n = s.read(&mut buf).map_err(|e| format!("receive: {e}"))?;
+        if n == 0 {
+            return Ok((got, t0.map_or(Duration::ZERO, |t: Instant| t.elapsed())));
+        }
+        t0.get_or_insert_with(Instant::now);
+        got += n;
+    }
+}
+
 /// Pod -> host as a server sends: busybox httpd in the pod serves a MIB MiB file and the
 /// host GETs it; MB/s from the first byte to the end. (busybox nc, below, moves 1 KiB per
 /// system call, which under TCG bounds it far below the device path.)
@@ -110,20 +124,11 @@ fn guest_serves_host(
         let mut s = connect_retrying(addr)?;
         s.write_all(b"GET /f HTTP/1.0\r\n\r\n")
             .map_err(|e| format!("request: {e}"))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let (mut got, mut t0) = (0, None);
-        loop {
-            let n = s.read(&mut buf).map_err(|e| format!("receive: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            t0.get_or_insert_with(Instant::now);
-            got += n;
-        }
+        let (got, took) = receive_all(&mut s)?;
         if got < MIB << 20 {
             return Err(format!("received {got} bytes of {} and headers", MIB << 20));
         }
-        Ok(mbps(got, t0.map_or(Duration::ZERO, |t| t.elapsed())))
+        Ok(mbps(got, took))
     })
 }
 
@@ -141,21 +146,11 @@ fn guest_to_host(
     let script = format!("head -c {MIB}m /dev/zero | nc {GATEWAY} {port}");
     run(cri, pod, cfg, &format!("source{round}"), image, &script);
     let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut got = 0;
-    let mut t0 = None;
-    loop {
-        let n = s.read(&mut buf).map_err(|e| format!("receive: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        t0.get_or_insert_with(Instant::now);
-        got += n;
-    }
+    let (got, took) = receive_all(&mut s)?;
     if got != MIB << 20 {
         return Err(format!("received {got} bytes of {}", MIB << 20));
     }
-    Ok(mbps(got, t0.map_or(Duration::ZERO, |t| t.elapsed())))
+    Ok(mbps(got, took))
 }
 
 /// Container stdout -> CRI log: STDOUT_MIB MiB of 1000-byte lines, MB/s to the last line in
