@@ -92,7 +92,10 @@ impl GuestVm {
             .arg(guest_file("vmlinux"))
             .arg("--initrd")
             .arg(guest_file("initramfs.img"))
-            .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 quiet"])
+            .args([
+                "--cmdline",
+                "console=ttyS0 reboot=k panic=-1 no_timer_check quiet",
+            ])
             .args(["--vsock", &format!("cid={CID},uds={}", uds.display())]);
         for d in &o.disks {
             let ro = if d.read_only { ",ro" } else { "" };
