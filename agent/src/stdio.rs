@@ -4,12 +4,14 @@
 
 use std::fs::File;
 use std::io::{IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use nix::unistd::pipe2;
 
@@ -32,6 +34,10 @@ pub struct Stdio {
     /// With a terminal, stdout reads and stdin writes the pty master; stderr is merged.
     tty: Option<File>,
 }
+
+/// After output arrives, what follows within this long joins the same reply: under load one
+/// agent call then carries a lot more than one pipe read, and 2 ms is not seen at a terminal.
+const COALESCE: Duration = Duration::from_millis(2);
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     pipe2(OFlag::O_CLOEXEC).map_err(AgentError::sys("create a stdio pipe"))
@@ -83,18 +89,46 @@ impl Stdio {
             return Ok(Vec::new());
         };
         let mut buf = vec![0u8; max.clamp(1, 1 << 20)];
-        loop {
+        let n = loop {
             match f.read(&mut buf) {
-                Ok(n) => {
-                    buf.truncate(n);
-                    return Ok(buf);
-                }
+                Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 // A pty master reads EIO once the last slave closed: end of stream.
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => return Ok(Vec::new()),
                 Err(e) => return Err(AgentError::io("read process output")(e)),
             }
+        };
+        let filled = if n == 0 {
+            0
+        } else {
+            n + Self::coalesce(f, &mut buf[n..])
+        };
+        buf.truncate(filled);
+        Ok(buf)
+    }
+
+    /// Reads into `buf` what follows within [`COALESCE`], without blocking past it; what it
+    /// got (an error or the end of the stream shows on the next call).
+    fn coalesce(mut f: &File, buf: &mut [u8]) -> usize {
+        let deadline = Instant::now() + COALESCE;
+        let mut filled = 0;
+        while filled < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = PollTimeout::from(left.as_millis().min(u16::MAX.into()) as u16);
+            let mut pfd = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
+            let ready = poll(&mut pfd, timeout).is_ok_and(|n| n > 0);
+            let readable = pfd[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN));
+            if !ready || !readable {
+                break;
+            }
+            match f.read(&mut buf[filled..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => filled += n,
+            }
         }
+        filled
     }
 
     /// Blocks until output is available; empty = end of stream.
@@ -200,5 +234,41 @@ impl ConsoleSocket {
             "console socket",
             "message carried no file descriptor",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_read_returns_soon_after_output_stops_and_joins_what_followed() {
+        let (stdio, child) = Stdio::pipes(false).unwrap();
+        let mut w = File::from(child.stdout);
+        w.write_all(b"one").unwrap();
+        let t = Instant::now();
+        assert_eq!(stdio.read_stdout(1024).unwrap(), b"one");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "waited {:?} with nothing more to read",
+            t.elapsed()
+        );
+        // What is queued, up to the caller's limit, comes in one reply.
+        let writer = std::thread::spawn(move || {
+            w.write_all(&[7u8; 100_000]).unwrap();
+        });
+        let mut got = 0;
+        while got < 100_000 {
+            let chunk = stdio.read_stdout(65_536).unwrap();
+            assert!(!chunk.is_empty() && chunk.len() <= 65_536);
+            got += chunk.len();
+        }
+        writer.join().unwrap();
+        assert_eq!(got, 100_000);
+        // The writer is gone: end of stream.
+        assert!(stdio.read_stdout(1024).unwrap().is_empty());
     }
 }
