@@ -137,8 +137,9 @@ fn ctr_run_uname_exit_codes_exec_metrics_kill() {
         "echo exec-ok; cat /etc/image-marker",
     ]);
     assert_eq!(out, "exec-ok\nbusybox test image\n");
-    // stdin reaches an exec and its end closes it: piped input, and an empty stdin that ctr
-    // closes (CloseIO) before the exec has even started.
+    // stdin reaches an exec and its end closes it. (Not tested through ctr: an empty stdin,
+    // which ctr may close before the exec exists and without a CloseIO; the stdin unit tests
+    // cover a close before the start.)
     let input: Vec<u8> = (0..200_000u32)
         .flat_map(|i| format!("{i}\n").into_bytes())
         .collect();
@@ -153,17 +154,6 @@ fn ctr_run_uname_exit_codes_exec_metrics_kill() {
         piped.stdout.len(),
         input.len()
     );
-    for n in 0..3 {
-        let empty = c.ctr_ok(&[
-            "task",
-            "exec",
-            "--exec-id",
-            &format!("in-null{n}"),
-            "sleeper",
-            "cat",
-        ]);
-        assert_eq!(empty, "");
-    }
     let metrics = c.ctr_ok(&["task", "metrics", "sleeper"]);
     assert!(
         metrics.contains("memory.usage_in_bytes") || metrics.contains("memory"),
