@@ -246,9 +246,11 @@ fn blk_rate_limit_holds_a_disk_to_its_bandwidth() {
         t_slow >= 2.5,
         "the limited disk read 12 MiB in {t_slow:.2} s"
     );
+    // The other disk is not held to that bandwidth (a ratio of the two would measure the
+    // TCG guest's speed on a loaded host, not the limit).
     assert!(
-        t_fast < t_slow / 2.0,
-        "unlimited {t_fast:.2} s, limited {t_slow:.2} s"
+        t_fast < 2.5,
+        "the unlimited disk read 12 MiB in {t_fast:.2} s (limited: {t_slow:.2} s)"
     );
     let want = sha256_of_file_region(&slow, 12 * MIB);
     for id in ["slow", "fast"] {
