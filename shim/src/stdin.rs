@@ -15,9 +15,6 @@ use protocol::agent::{ProcessRequest, WriteStreamRequest};
 use protocol::agent_ttrpc::AgentClient;
 use protocol::ttrpc::context;
 
-/// Largest chunk moved per call.
-const CHUNK: usize = 64 * 1024;
-
 /// A process's stdin FIFO, opened when containerd creates the process (as runc's shim does):
 /// a client that writes, or closes its end, before the start is seen even so. With the close
 /// request containerd's CloseIO leaves for the pump.
@@ -79,7 +76,7 @@ fn forward_ready(fifo: &mut File, buf: &mut [u8], send: &impl Fn(&[u8]) -> bool)
 /// blocking: before any writer came, a read says end of file, so only poll's hang-up (a writer
 /// came and went) or a close request ends the copy.
 fn copy(fifo: &mut File, close: &EventFd, send: impl Fn(&[u8]) -> bool) {
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; crate::stdio::CHUNK as usize];
     loop {
         let mut fds = [
             PollFd::new(fifo.as_fd(), PollFlags::POLLIN),

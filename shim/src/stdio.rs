@@ -17,7 +17,7 @@ use protocol::ttrpc::context;
 use crate::stdin::Stdin;
 
 /// Largest chunk moved per call.
-const CHUNK: u32 = 64 * 1024;
+pub(crate) const CHUNK: u32 = 64 * 1024;
 
 /// Where containerd wants a process's stdio (empty = not wanted).
 #[derive(Debug, Clone, Default)]
@@ -34,6 +34,17 @@ pub struct Pumps {
     outputs: Vec<JoinHandle<()>>,
 }
 
+/// Opens a FIFO for writing only where it has a reader (ENXIO otherwise, never waiting);
+/// writes block from then on: a slow reader slows the process, as with runc.
+fn open_where_read(path: &str) -> std::io::Result<File> {
+    let writer = OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)?;
+    fcntl(writer.as_raw_fd(), FcntlArg::F_SETFL(OFlag::empty()))?;
+    Ok(writer)
+}
+
 /// Opens containerd's output FIFO on the caller's thread, while the client that asked for the
 /// process waits on the request (`ctr run -d` reads only until it detaches: a writer opened
 /// after that would wait forever for a reader). A reader of our own lets the open return at
@@ -48,13 +59,7 @@ fn open_fifo_for_writing(path: &str) -> Option<File> {
             .read(true)
             .custom_flags(nix::libc::O_NONBLOCK)
             .open(path)?;
-        let writer = OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::libc::O_NONBLOCK)
-            .open(path)?;
-        // Blocking writes from here on: a slow reader slows the process, as with runc.
-        fcntl(writer.as_raw_fd(), FcntlArg::F_SETFL(OFlag::empty()))?;
-        Ok(writer)
+        open_where_read(path)
     };
     match open() {
         Ok(f) => Some(f),
@@ -79,15 +84,7 @@ impl Sink {
         if self.file.is_none() && !self.path.is_empty() && Instant::now() >= self.retry_at {
             // Opens only where a reader is (ENXIO otherwise); a second between tries.
             self.retry_at = Instant::now() + Duration::from_secs(1);
-            self.file = OpenOptions::new()
-                .write(true)
-                .custom_flags(nix::libc::O_NONBLOCK)
-                .open(&self.path)
-                .and_then(|f| {
-                    fcntl(f.as_raw_fd(), FcntlArg::F_SETFL(OFlag::empty()))?;
-                    Ok(f)
-                })
-                .ok();
+            self.file = open_where_read(&self.path).ok();
         }
         if let Some(f) = self.file.as_mut() {
             if f.write_all(data).is_err() {
