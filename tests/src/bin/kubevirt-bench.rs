@@ -466,13 +466,21 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
             why.push(if w.shape.block >= 1 << 20 {
                 let copy = copy_us(w.shape.block as usize);
                 format!(
-                    "{}: each request is one {} KiB copy between the page cache and guest                      memory in either back end, and a plain copy of that size takes {copy:.0} us                      on this host: {:.0}% of ours' {:.1} us CPU per request ({:.1} us for                      qemu-storage-daemon), so the copy bounds both and ours spends {} CPU per                      request",
+                    "{}: each request is one {} KiB copy between the page cache and guest memory \
+                     in either back end, and a plain copy of that size takes {copy:.0} us on \
+                     this host: {:.0}% of ours' {:.1} us CPU per request ({:.1} us for \
+                     qemu-storage-daemon), so the copy bounds both and ours spends {} CPU \
+                     per request",
                     w.name,
                     w.shape.block >> 10,
                     100.0 * copy / o.cpu_us_per_io.max(1e-9),
                     o.cpu_us_per_io,
                     q.cpu_us_per_io,
-                    if o.cpu_us_per_io <= q.cpu_us_per_io { "less" } else { "more" }
+                    if o.cpu_us_per_io <= q.cpu_us_per_io {
+                        "less"
+                    } else {
+                        "more"
+                    }
                 )
             } else {
                 format!(
@@ -520,7 +528,8 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
 fn copy_us(len: usize) -> f64 {
     let span = 64 << 20;
     let src = vec![1u8; span];
-    let mut dst = vec![0u8; span];
+    // Not zeroed: calloc's untouched pages would fault inside the timed copies.
+    let mut dst = vec![2u8; span];
     let mut times = Vec::new();
     for i in 0..64 {
         let at = (i * len) % (span - len);
