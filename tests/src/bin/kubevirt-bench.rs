@@ -167,8 +167,8 @@ fn main() {
     if want("blk") {
         blk_section(
             &mut r,
-            flag(&args, "--blk-rounds").unwrap_or(3),
-            Duration::from_secs_f64(flag(&args, "--blk-secs").unwrap_or(3.0)),
+            flag(&args, "--blk-rounds").unwrap_or(5),
+            Duration::from_secs_f64(flag(&args, "--blk-secs").unwrap_or(2.0)),
             &mut chart,
         );
     }
@@ -363,13 +363,12 @@ fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
     );
 }
 
-/// Median of each workload's IOPS, MB/s and CPU per request over the rounds.
-fn median_outcomes(rounds: &[Vec<Outcome>]) -> Vec<Outcome> {
-    (0..WORKLOADS.len())
-        .map(|w| {
-            let pick = |f: fn(&Outcome) -> f64| {
-                median(&rounds.iter().map(|r| f(&r[w])).collect::<Vec<_>>())
-            };
+/// Median of each workload's IOPS, MB/s and CPU per request over its runs.
+fn median_outcomes(workloads: &[Vec<Outcome>]) -> Vec<Outcome> {
+    workloads
+        .iter()
+        .map(|runs| {
+            let pick = |f: fn(&Outcome) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
             Outcome {
                 iops: pick(|o| o.iops),
                 mbps: pick(|o| o.mbps),
@@ -394,31 +393,49 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
             out.lines().next().unwrap_or("").to_string()
         })
         .unwrap_or_else(|_| "not found".into());
-    let backends = [Backend::Ours, Backend::QemuStorageDaemon];
-    let mut results: Vec<Vec<Vec<Outcome>>> = vec![Vec::new(); backends.len()];
     let warmup = Duration::from_millis(500);
-    for round in 0..rounds {
-        // Alternate which back end goes first, so neither always meets a colder cache.
-        for k in 0..backends.len() {
-            let b = if round % 2 == 0 {
-                k
-            } else {
-                backends.len() - 1 - k
-            };
-            progress(&format!(
-                "block: round {}/{rounds}, {} ...",
-                round + 1,
-                backends[b].name()
-            ));
-            let socket = dir.join(format!("blk-{}.sock", std::process::id()));
-            let out =
-                blkbench::run_backend(backends[b], &image.path, socket, warmup, secs, true, |m| {
-                    progress(m)
-                })
-                .unwrap_or_else(|e| panic!("{}: {e}", backends[b].name()));
-            results[b].push(out);
+    // Both back ends are up at once and each workload alternates between them (ours first
+    // in even rounds, second in odd ones), so a slow spell of this shared host falls on
+    // both rather than on whichever ran through all its workloads then.
+    let pid = std::process::id();
+    let mut sessions = [Backend::Ours, Backend::QemuStorageDaemon].map(|b| {
+        let socket = dir.join(format!("blk-{pid}-{}.sock", b.name()));
+        blkbench::Session::start(b, &image.path, socket, true)
+            .unwrap_or_else(|e| panic!("{}: {e}", b.name()))
+    });
+    // results[back end][workload]: that workload's runs.
+    let mut results: Vec<Vec<Vec<Outcome>>> = vec![Vec::new(); sessions.len()];
+    for w in &WORKLOADS {
+        for r in &mut results {
+            r.push(Vec::new());
+        }
+        progress(&format!("block: {}, {rounds} rounds ...", w.name));
+        for round in 0..rounds {
+            for k in 0..sessions.len() {
+                let b = if round % 2 == 0 {
+                    k
+                } else {
+                    sessions.len() - 1 - k
+                };
+                let s = &mut sessions[b];
+                let o = s
+                    .run(w, &image.path, warmup, secs)
+                    .unwrap_or_else(|e| panic!("{}: {e}", s.backend.name()));
+                progress(&format!(
+                    "  {} {}: {:.0} IOPS, {:.1} MB/s, {:.1} us CPU/IO",
+                    s.backend.name(),
+                    w.name,
+                    o.iops,
+                    o.mbps,
+                    o.cpu_us_per_io
+                ));
+                if let Some(runs) = results[b].last_mut() {
+                    runs.push(o);
+                }
+            }
         }
     }
+    drop(sessions);
     drop(image);
     let ours = median_outcomes(&results[0]);
     let qsd = median_outcomes(&results[1]);
@@ -437,9 +454,16 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
          driver=file,cache.direct=off --export type=vhost-user-blk`. Both serve the same \
          {IMAGE_MIB} MiB raw file (fully written first) with buffered I/O, so the page \
          cache is in play for both: reads are served from memory and writes land in the \
-         cache (no flush is sent). {:.1} s per workload after a {} ms warm-up; median of \
-         {rounds} rounds, back ends alternating order. CPU/IO is the back-end process's \
-         user+system time per request.\n",
+         cache (no flush is sent). Both back ends run side by side and each workload \
+         alternates between them, {rounds} runs each (ours first in every other round); \
+         each run starts from clean cached pages (the image is written back before it) and \
+         measures {:.1} s after a {} ms warm-up. Figures are medians of the runs. CPU/IO is \
+         the back-end process's user+system time per request. At queue depth 1 every request \
+         wakes the back end and then the driver; on this nested host waking an idle CPU \
+         (an IPI through the outer hypervisor) costs more than the request itself, and where \
+         the scheduler puts the threads varies from run to run, so the QD1 workloads also run \
+         with the driver and every back-end thread on one CPU (`one CPU` rows), which \
+         measures the back end's own path.\n",
         blkbench::driver::QUEUE_SIZE,
         secs.as_secs_f64(),
         warmup.as_millis()

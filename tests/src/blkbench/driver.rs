@@ -57,6 +57,8 @@ pub enum DriverError {
     Status { slot: usize, status: u8 },
     #[error("the back end returned descriptor {0}, which is no request head")]
     BadId(u32),
+    #[error("cannot set the CPU affinity of the driver or the back end: {0}")]
+    Affinity(std::io::Error),
 }
 
 fn vhost(step: &'static str) -> impl FnOnce(vhost::Error) -> DriverError {
