@@ -69,12 +69,23 @@ pub fn assert_nothing_left(c: &Containerd, netns: Option<&NetNs>) {
         "half-built images left in the cache: {half_built:?}"
     );
     if let Some(ns) = netns {
-        let out = Command::new("ip")
-            .args(["-n", &ns.name, "-o", "link", "show", "type", "veth"])
-            .output()
-            .expect("ip link");
-        let veths = String::from_utf8_lossy(&out.stdout);
-        assert!(veths.trim().is_empty(), "pod veths left behind: {veths}");
+        let veths = || {
+            let out = Command::new("ip")
+                .args(["-n", &ns.name, "-o", "link", "show", "type", "veth"])
+                .output()
+                .expect("ip link");
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        // A pod's veth whose netns was released rather than emptied by CNI DEL goes with
+        // the netns, which the kernel destroys from a work queue a moment later (longer on
+        // a loaded host): a veth still there after that is a leak.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut left = veths();
+        while !left.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            left = veths();
+        }
+        assert!(left.is_empty(), "pod veths left behind: {left}");
         let pod_netns: Vec<_> = fs::read_to_string(format!("/proc/{}/mounts", c.pid()))
             .unwrap_or_default()
             .lines()
