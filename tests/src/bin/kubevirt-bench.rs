@@ -2,7 +2,7 @@
 //! same run. Prints a table and writes target/bench/report.md.
 //!
 //! usage: kubevirt-bench [--runs N] [--only vmm|blk|pod] [--blk-rounds N] [--blk-secs S]
-//!                       [--pod-runs N]
+//!                       [--blk-workloads TEXT] [--pod-runs N]
 //!        kubevirt-bench --serve-blk IMAGE SOCKET   (our vhost-user-blk back end, for the bench)
 
 use std::fmt::Write as _;
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::blkbench::{self, Backend, Image, Outcome, WORKLOADS};
+use tests::blkbench::{self, Backend, Image, Outcome, Workload, WORKLOADS};
 use tests::chart::Ratio;
 use tests::measure::{self, median, Sample};
 use vmm::{SerialOutput, VmConfig};
@@ -165,8 +165,14 @@ fn main() {
         );
     }
     if want("blk") {
+        let only: Option<String> = flag(&args, "--blk-workloads");
+        let workloads: Vec<_> = WORKLOADS
+            .into_iter()
+            .filter(|w| only.as_deref().is_none_or(|o| w.name.contains(o)))
+            .collect();
         blk_section(
             &mut r,
+            &workloads,
             flag(&args, "--blk-rounds").unwrap_or(5),
             Duration::from_secs_f64(flag(&args, "--blk-secs").unwrap_or(2.0)),
             &mut chart,
@@ -379,7 +385,14 @@ fn median_outcomes(workloads: &[Vec<Outcome>]) -> Vec<Outcome> {
 }
 
 /// Our vhost-user-blk back end next to qemu-storage-daemon's, driven by the same harness.
-fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ratio>) {
+/// `workloads`: those of [`WORKLOADS`] to run (`--blk-workloads` picks by name).
+fn blk_section(
+    r: &mut String,
+    workloads: &[Workload],
+    rounds: usize,
+    secs: Duration,
+    chart: &mut Vec<Ratio>,
+) {
     const IMAGE_MIB: u64 = 256;
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
@@ -405,7 +418,7 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
     });
     // results[back end][workload]: that workload's runs.
     let mut results: Vec<Vec<Vec<Outcome>>> = vec![Vec::new(); sessions.len()];
-    for w in &WORKLOADS {
+    for w in workloads {
         for r in &mut results {
             r.push(Vec::new());
         }
@@ -476,7 +489,7 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
     let mut worst = f64::INFINITY;
     let mut behind = Vec::new();
     let mut why = Vec::new();
-    for (i, w) in WORKLOADS.iter().enumerate() {
+    for (i, w) in workloads.iter().enumerate() {
         let (o, q) = (&ours[i], &qsd[i]);
         let ratio = o.iops / q.iops.max(1e-9);
         chart.push(Ratio::new(
@@ -505,6 +518,19 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
                     } else {
                         "more"
                     }
+                )
+            } else if let Some(p) = pinned_twin(workloads, w) {
+                format!(
+                    "{}: ours {:.1} us CPU per request, qemu-storage-daemon {:.1} us; one \
+                     request at a time is bound by the two wake-ups of idle CPUs each \
+                     request takes here, and with everything on one CPU ours does {:.2}x \
+                     qemu-storage-daemon's IOPS at {:.1} us CPU per request ({:.1} us)",
+                    w.name,
+                    o.cpu_us_per_io,
+                    q.cpu_us_per_io,
+                    ours[p].iops / qsd[p].iops.max(1e-9),
+                    ours[p].cpu_us_per_io,
+                    qsd[p].cpu_us_per_io
                 )
             } else {
                 format!(
@@ -545,6 +571,16 @@ fn blk_section(r: &mut String, rounds: usize, secs: Duration, chart: &mut Vec<Ra
             why.join("; ")
         );
     }
+}
+
+/// The index in `workloads` of the one-CPU run of unpinned workload `w`, if it has one.
+fn pinned_twin(workloads: &[Workload], w: &Workload) -> Option<usize> {
+    if w.one_cpu {
+        return None;
+    }
+    workloads
+        .iter()
+        .position(|p| p.one_cpu && p.shape == w.shape && p.random == w.random)
 }
 
 /// Microseconds one `len`-byte memory copy takes here (median of 64, buffers larger than
