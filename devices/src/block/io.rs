@@ -2,9 +2,9 @@
 //! with pread/pwrite straight between the file and guest memory (no bounce buffer), and
 //! each finished request is sent back and announced on an eventfd the transport watches
 //! (once per batch: the eventfd is written only when the device has drained the previous
-//! announcement, which saves a syscall and a wake-up per request under load). A small read
-//! the page cache holds is served on the device's own thread instead ([`read_cached`]).
+//! announcement, which saves a syscall and a wake-up per request under load).
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
@@ -30,9 +30,6 @@ vmm_sys_util::ioctl_io_nr!(BLKDISCARD, 0x12, 119);
 const MAX_IOVECS: usize = 256;
 /// Largest zero buffer written when the file system cannot zero a range itself.
 const ZERO_CHUNK: u64 = 1 << 20;
-/// Largest read [`read_cached`] serves: a longer copy would hold up the other requests and
-/// devices of the thread that serves the queue, and the I/O threads copy in parallel.
-pub(crate) const INLINE_READ_MAX: u64 = 64 << 10;
 
 /// An open disk: a regular file or a host block device.
 #[derive(Debug)]
@@ -45,9 +42,6 @@ pub(crate) struct Disk {
     pub block_size: u64,
     /// A medium in a slot may be smaller than the slot: reads past its end are zeros.
     pub zero_past_end: bool,
-    /// Cleared when the file system refuses non-blocking reads (`RWF_NOWAIT`), so that
-    /// [`read_cached`] stops trying.
-    nowait_reads: AtomicBool,
 }
 
 impl Disk {
@@ -101,7 +95,6 @@ impl Disk {
             size,
             block_size: meta.blksize().clamp(SECTOR_SIZE, 1 << 20),
             zero_past_end: false,
-            nowait_reads: AtomicBool::new(true),
         })
     }
 }
@@ -145,7 +138,7 @@ pub(crate) enum DiskSource {
 }
 
 impl DiskSource {
-    pub(crate) fn current(&self) -> Option<Arc<Disk>> {
+    fn current(&self) -> Option<Arc<Disk>> {
         match self {
             DiskSource::Fixed(d) => Some(d.clone()),
             DiskSource::Slot(s) => s.current(),
@@ -153,10 +146,53 @@ impl DiskSource {
     }
 }
 
+/// Jobs waiting for an I/O thread. An idle thread parks on the condvar at once and a job
+/// wakes one: a shared channel receiver behind a mutex woke the second idle thread on
+/// every job only for it to block again, and a channel whose receivers spin and yield
+/// before parking kept a CPU busy just when the thread serving the queue was woken onto
+/// it (its wake-up to run delay doubled, `perf sched latency`).
+#[derive(Debug, Default)]
+struct JobQueue {
+    /// Queued jobs, and whether the device has closed the queue.
+    state: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl JobQueue {
+    fn lock(&self) -> MutexGuard<'_, (VecDeque<Job>, bool)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, job: Job) {
+        self.lock().0.push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// The next job, waiting for one; `None` once the queue is closed and empty.
+    fn pop(&self) -> Option<Job> {
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = state.0.pop_front() {
+                return Some(job);
+            }
+            if state.1 {
+                return None;
+            }
+            state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Lets the threads finish what is queued, then end.
+    fn close(&self) {
+        self.lock().1 = true;
+        self.ready.notify_all();
+    }
+}
+
 /// The worker threads of one disk; dropping it ends and joins them.
 #[derive(Debug)]
 pub(crate) struct Worker {
-    jobs: Option<crossbeam_channel::Sender<Job>>,
+    jobs: Option<Arc<JobQueue>>,
     done: Receiver<Done>,
     /// Set by a worker when it writes the eventfd, cleared by [`Worker::rearm`]: while
     /// set, the device has yet to drain `done` and further completions need no signal.
@@ -175,21 +211,17 @@ impl Worker {
         threads: usize,
         setup: Option<fn() -> Result<(), String>>,
     ) -> io::Result<Worker> {
-        // Idle threads all wait on the channel itself and a job wakes one of them; a
-        // receiver shared behind a mutex woke the second idle thread on every job only for
-        // it to block again (two futex calls and a context switch per request at QD1).
-        let (jobs, job_rx) = crossbeam_channel::unbounded::<Job>();
+        let jobs = Arc::new(JobQueue::default());
         let (done_tx, done) = channel();
         let announced = Arc::new(AtomicBool::new(false));
         let mut worker = Worker {
-            jobs: Some(jobs),
+            jobs: Some(jobs.clone()),
             done,
             announced,
             threads: Vec::new(),
         };
         for i in 0..threads.max(1) {
-            let (job_rx, done_tx, flag) =
-                (job_rx.clone(), done_tx.clone(), worker.announced.clone());
+            let (queue, done_tx, flag) = (jobs.clone(), done_tx.clone(), worker.announced.clone());
             let (disk, notify) = (disk.clone(), notify.try_clone()?);
             let thread_name = if i == 0 {
                 name.clone()
@@ -203,8 +235,8 @@ impl Worker {
                         log::error!("virtio-blk: I/O thread not started: {e}");
                         return;
                     }
-                    // Ends when the device drops its sender.
-                    while let Ok(job) = job_rx.recv() {
+                    // Ends when the device closes the queue.
+                    while let Some(job) = queue.pop() {
                         let medium = disk.current();
                         let done = execute(medium.as_deref(), &id, job);
                         if done_tx.send(done).is_err() {
@@ -233,7 +265,10 @@ impl Worker {
     /// Queues `job`; gives it back if the worker is gone.
     pub fn submit(&self, job: Job) -> Result<(), Job> {
         match &self.jobs {
-            Some(tx) => tx.send(job).map_err(|e| e.0),
+            Some(q) => {
+                q.push(job);
+                Ok(())
+            }
             None => Err(job),
         }
     }
@@ -251,7 +286,9 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        self.jobs = None;
+        if let Some(q) = self.jobs.take() {
+            q.close();
+        }
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 log::error!("virtio-blk: worker thread panicked");
@@ -286,35 +323,6 @@ pub(crate) fn execute(disk: Option<&Disk>, id: &[u8; ID_LEN], job: Job) -> Done 
             Some(disk),
         ) => write_zeroes(disk, sector, sectors, unmap).map(|()| 0),
     };
-    finish(head, &req, &mem, result)
-}
-
-/// Serves `job` on the calling thread if it is a read whose data is all in the page cache:
-/// `RWF_NOWAIT` makes the kernel refuse rather than wait for the disk. Saves the hand-off to
-/// an I/O thread and back (two wake-ups) that dominates a cached 4 KiB read. Gives the job
-/// back otherwise, for the I/O threads, which redo it whole (a read can be repeated).
-pub(crate) fn read_cached(disk: &Disk, job: Job) -> Result<Done, Job> {
-    let Op::Read { sector } = job.req.op else {
-        return Err(job);
-    };
-    if job.req.len > INLINE_READ_MAX || !disk.nowait_reads.load(Ordering::Relaxed) {
-        return Err(job);
-    }
-    let offset = sector * SECTOR_SIZE;
-    match transfer(disk, &job.mem, &job.req.data, offset, Dir::ReadCached) {
-        Ok(n) => Ok(finish(job.head, &job.req, &job.mem, Ok(n))),
-        Err(e) => {
-            // EINVAL: a kernel older than RWF_NOWAIT.
-            if e.kind() == io::ErrorKind::Unsupported || e.raw_os_error() == Some(libc::EINVAL) {
-                disk.nowait_reads.store(false, Ordering::Relaxed);
-            }
-            Err(job)
-        }
-    }
-}
-
-/// Writes the status byte of a request that ended with `result` and describes it.
-fn finish(head: u16, req: &Request, mem: &GuestMemoryMmap, result: io::Result<u64>) -> Done {
     let (status, bytes) = match result {
         Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
         Err(e) => {
@@ -342,8 +350,6 @@ fn finish(head: u16, req: &Request, mem: &GuestMemoryMmap, result: io::Result<u6
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dir {
     Read,
-    /// A read that fails with `WouldBlock` where the page cache lacks the data.
-    ReadCached,
     Write,
 }
 
@@ -398,10 +404,6 @@ fn transfer_iovs(disk: &Disk, iovs: &mut [libc::iovec], offset: u64, dir: Dir) -
             // SAFETY: every iovec points into guest memory that `transfer` checked and
             // holds a guard for; the kernel writes at most `iov_len` bytes into each.
             Dir::Read => unsafe { libc::preadv(fd, rest.as_ptr(), rest.len() as i32, off) },
-            // SAFETY: as above.
-            Dir::ReadCached => unsafe {
-                libc::preadv2(fd, rest.as_ptr(), rest.len() as i32, off, libc::RWF_NOWAIT)
-            },
             // SAFETY: as above; the kernel only reads from the buffers.
             Dir::Write => unsafe { libc::pwritev(fd, rest.as_ptr(), rest.len() as i32, off) },
         };
@@ -413,7 +415,7 @@ fn transfer_iovs(disk: &Disk, iovs: &mut [libc::iovec], offset: u64, dir: Dir) -
             return Err(e);
         }
         if n == 0 {
-            if disk.zero_past_end && dir != Dir::Write {
+            if disk.zero_past_end && matches!(dir, Dir::Read) {
                 for iov in rest {
                     // SAFETY: each iovec points into checked, guarded guest memory of
                     // `iov_len` bytes (see `transfer`).

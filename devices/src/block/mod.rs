@@ -4,8 +4,6 @@
 //! disk's I/O threads ([`io`], two per disk), so slow file I/O never stalls the event loop
 //! serving other devices. The workers write data and status into guest memory and signal
 //! an eventfd ([`VirtioDevice::backend_fd`]); `process_backend` then returns the chains.
-//! A small read whose data the page cache holds cannot stall anything: it is served at once
-//! on the event loop's thread.
 
 mod io;
 mod media;
@@ -114,8 +112,6 @@ pub struct Block {
     config_space: [u8; CONFIG_LEN],
     /// Written by the worker for each finished request.
     completions: EventFd,
-    /// The medium, for reads served on the device's thread.
-    source: DiskSource,
     worker: Worker,
     /// Requests handed to the worker and not yet returned to the queue.
     in_flight: usize,
@@ -181,8 +177,8 @@ impl Block {
             }
             None => DiskSource::Fixed(disk),
         };
-        let worker = Worker::spawn(name, source.clone(), id, notify, IO_THREADS, setup)
-            .map_err(thread_err)?;
+        let worker =
+            Worker::spawn(name, source, id, notify, IO_THREADS, setup).map_err(thread_err)?;
         let limiter = Limiter::new(config.rate).map_err(|e| BlockError::RateLimit {
             path: config.path.clone(),
             source: e,
@@ -198,7 +194,6 @@ impl Block {
             acked: 0,
             config_space,
             completions,
-            source,
             worker,
             in_flight: 0,
             throttled: false,
@@ -290,16 +285,6 @@ impl Block {
                     head,
                     req,
                     mem: mem.clone(),
-                };
-                let job = match self.source.current() {
-                    Some(disk) => match io::read_cached(&disk, job) {
-                        Ok(done) => {
-                            self.count(&done);
-                            return Some(add_used(q, mem, done.head, done.used_len));
-                        }
-                        Err(job) => job,
-                    },
-                    None => job,
                 };
                 match self.worker.submit(job) {
                     Ok(()) => {

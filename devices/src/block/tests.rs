@@ -648,6 +648,5 @@ fn requests_in_flight_are_bounded_by_the_queue_size() {
     assert_eq!(h.blk.stats().flush_requests, u64::from(QUEUE_SIZE) + 4);
 }
 
-mod cached;
 mod host;
 mod rate;
