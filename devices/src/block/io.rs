@@ -153,38 +153,51 @@ impl DiskSource {
 /// it (its wake-up to run delay doubled, `perf sched latency`).
 #[derive(Debug, Default)]
 struct JobQueue {
-    /// Queued jobs, and whether the device has closed the queue.
-    state: Mutex<(VecDeque<Job>, bool)>,
+    state: Mutex<Queued>,
     ready: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct Queued {
+    jobs: VecDeque<Job>,
+    /// The device is done with the queue: the threads end once it is empty.
+    closed: bool,
+}
+
 impl JobQueue {
-    fn lock(&self) -> MutexGuard<'_, (VecDeque<Job>, bool)> {
+    fn lock(&self) -> MutexGuard<'_, Queued> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push(&self, job: Job) {
-        self.lock().0.push_back(job);
+    /// Queues `job`; gives it back once the queue is closed.
+    fn push(&self, job: Job) -> Result<(), Job> {
+        let mut q = self.lock();
+        if q.closed {
+            return Err(job);
+        }
+        q.jobs.push_back(job);
+        drop(q);
         self.ready.notify_one();
+        Ok(())
     }
 
     /// The next job, waiting for one; `None` once the queue is closed and empty.
     fn pop(&self) -> Option<Job> {
-        let mut state = self.lock();
+        let mut q = self.lock();
         loop {
-            if let Some(job) = state.0.pop_front() {
+            if let Some(job) = q.jobs.pop_front() {
                 return Some(job);
             }
-            if state.1 {
+            if q.closed {
                 return None;
             }
-            state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+            q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     /// Lets the threads finish what is queued, then end.
     fn close(&self) {
-        self.lock().1 = true;
+        self.lock().closed = true;
         self.ready.notify_all();
     }
 }
@@ -231,14 +244,18 @@ impl Worker {
             let thread = std::thread::Builder::new()
                 .name(thread_name)
                 .spawn(move || {
-                    if let Some(Err(e)) = setup.map(|f| f()) {
-                        log::error!("virtio-blk: I/O thread not started: {e}");
-                        return;
+                    // A thread that cannot be confined does no I/O, but it still answers
+                    // (with an error), so no request waits forever.
+                    let set_up = setup.map_or(Ok(()), |f| f());
+                    if let Err(e) = &set_up {
+                        log::error!("virtio-blk: I/O thread not set up, failing its requests: {e}");
                     }
                     // Ends when the device closes the queue.
                     while let Some(job) = queue.pop() {
-                        let medium = disk.current();
-                        let done = execute(medium.as_deref(), &id, job);
+                        let done = match &set_up {
+                            Ok(()) => execute(disk.current().as_deref(), &id, job),
+                            Err(_) => refuse(job),
+                        };
                         if done_tx.send(done).is_err() {
                             break;
                         }
@@ -265,10 +282,7 @@ impl Worker {
     /// Queues `job`; gives it back if the worker is gone.
     pub fn submit(&self, job: Job) -> Result<(), Job> {
         match &self.jobs {
-            Some(q) => {
-                q.push(job);
-                Ok(())
-            }
+            Some(q) => q.push(job),
             None => Err(job),
         }
     }
@@ -323,6 +337,17 @@ pub(crate) fn execute(disk: Option<&Disk>, id: &[u8; ID_LEN], job: Job) -> Done 
             Some(disk),
         ) => write_zeroes(disk, sector, sectors, unmap).map(|()| 0),
     };
+    finish(head, &req, &mem, result)
+}
+
+/// Answers `job` with an I/O error, doing nothing else.
+fn refuse(job: Job) -> Done {
+    let refused = Err(io::Error::other("the I/O thread is not set up"));
+    finish(job.head, &job.req, &job.mem, refused)
+}
+
+/// Writes the status byte of a request that ended with `result` and describes it.
+fn finish(head: u16, req: &Request, mem: &GuestMemoryMmap, result: io::Result<u64>) -> Done {
     let (status, bytes) = match result {
         Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
         Err(e) => {

@@ -214,6 +214,23 @@ fn write_then_read_round_trip() {
 }
 
 #[test]
+fn io_threads_that_fail_their_setup_answer_with_errors() {
+    let dir = TempDir::new();
+    let path = dir.disk("disk.img", 64 * 1024);
+    let refuse: fn() -> Result<(), String> = || Err("no filter here".into());
+    let mut h =
+        Harness::new(Block::with_io_setup(config(&path, false, None), Some(refuse)).unwrap());
+    // Each request comes back with an error rather than waiting for ever.
+    assert_eq!(h.read(0, 4096).0, IOERR);
+    assert_eq!(h.write(8, &[7; 512]).0, IOERR);
+    assert_eq!(
+        &std::fs::read(&path).unwrap()[4096..4608],
+        &sector_pattern(8, 512)[..]
+    );
+    assert_eq!(h.blk.stats().errors, 2);
+}
+
+#[test]
 fn get_id_returns_the_serial() {
     let dir = TempDir::new();
     let path = dir.disk("disk.img", 4096);
