@@ -387,7 +387,11 @@ fn pin(pid: u32, cpus: &libc::cpu_set_t) -> std::io::Result<()> {
     for tid in tids {
         // SAFETY: `cpus` is a live cpu_set_t of the size passed.
         if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(cpus), cpus) } != 0 {
-            return Err(std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            // A thread that ended meanwhile (qemu's idle pool threads do) needs nothing.
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e);
+            }
         }
     }
     Ok(())
