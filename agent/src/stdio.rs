@@ -245,6 +245,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn coalescing_takes_what_is_ready_up_to_the_buffer_then_stops() {
+        let (r, w) = pipe().unwrap();
+        let (r, mut w) = (File::from(r), File::from(w));
+        w.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 3];
+        assert_eq!(
+            Stdio::coalesce(&r, &mut buf),
+            3,
+            "filled to the buffer's end"
+        );
+        assert_eq!(&buf, b"hel");
+        let mut buf = [0u8; 16];
+        let t = Instant::now();
+        assert_eq!(
+            Stdio::coalesce(&r, &mut buf),
+            2,
+            "the rest, then nothing within 2 ms"
+        );
+        assert_eq!(&buf[..2], b"lo");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        drop(w);
+        assert_eq!(
+            Stdio::coalesce(&r, &mut buf),
+            0,
+            "end of stream adds nothing"
+        );
+    }
+
+    #[test]
     fn a_read_returns_soon_after_output_stops_and_joins_what_followed() {
         let (stdio, child) = Stdio::pipes(false).unwrap();
         let mut w = File::from(child.stdout);

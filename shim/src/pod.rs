@@ -165,16 +165,9 @@ impl Pod {
         vm.initrd = Some(cfg.initramfs.clone());
         // `ps` shows which pod a QEMU serves.
         vm.name = format!("kubevirt-pod:{}", p.dir.display());
-        // no_timer_check: the guest's IO-APIC timer probe counts ticks against a busy loop, and
-        // a vCPU starved by a loaded host (20 pods under TCG) failed it: "IO-APIC + timer
-        // doesn't work!", a panic at boot. The timer is KVM's or QEMU's: there is nothing to
-        // check.
-        vm.cmdline = format!(
-            "console=ttyS0 reboot=k panic=-1 no_timer_check quiet {}",
-            cfg.extra_cmdline
-        )
-        .trim_end()
-        .to_owned();
+        vm.cmdline = format!("{} {}", vmm::GUEST_CMDLINE, cfg.extra_cmdline)
+            .trim_end()
+            .to_owned();
         vm.memory_mib = p.memory_mib;
         vm.vcpus = p.vcpus;
         let console = console::start(&p.dir.join(CONSOLE_LOG), cfg.console_log_kib << 10)?;

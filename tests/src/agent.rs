@@ -92,10 +92,7 @@ impl GuestVm {
             .arg(guest_file("vmlinux"))
             .arg("--initrd")
             .arg(guest_file("initramfs.img"))
-            .args([
-                "--cmdline",
-                "console=ttyS0 reboot=k panic=-1 no_timer_check quiet",
-            ])
+            .args(["--cmdline", vmm::GUEST_CMDLINE])
             .args(["--vsock", &format!("cid={CID},uds={}", uds.display())]);
         for d in &o.disks {
             let ro = if d.read_only { ",ro" } else { "" };

@@ -29,7 +29,8 @@ pub fn vsock_rates(dir: &Path, len: usize) -> Result<(f64, f64), String> {
         "vsock-test listen vsock {DOWN_PORT} 1 sink\nvsock-test connect vsock 2 {UP_PORT} {len} 21\n"
     );
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 no_timer_check quiet kvtest.cmd={}",
+        "{} kvtest.cmd={}",
+        vmm::GUEST_CMDLINE,
         base64::engine::general_purpose::STANDARD.encode(script)
     );
     let mut vm = Command::new(crate::vmm_binary())

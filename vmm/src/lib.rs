@@ -25,5 +25,5 @@ pub mod vm;
 pub mod vmm;
 
 pub use builder::{build_microvm, BuildError};
-pub use config::{SerialInputSource, SerialOutput, VmConfig, DEFAULT_CMDLINE};
+pub use config::{SerialInputSource, SerialOutput, VmConfig, DEFAULT_CMDLINE, GUEST_CMDLINE};
 pub use vmm::{VmExit, VmHandle, Vmm, VmmError};

@@ -417,11 +417,9 @@ fn blk_section(
             .unwrap_or_else(|e| panic!("{}: {e}", b.name()))
     });
     // results[back end][workload]: that workload's runs.
-    let mut results: Vec<Vec<Vec<Outcome>>> = vec![Vec::new(); sessions.len()];
+    let mut results: [Vec<Vec<Outcome>>; 2] = Default::default();
     for w in workloads {
-        for r in &mut results {
-            r.push(Vec::new());
-        }
+        let mut runs: [Vec<Outcome>; 2] = Default::default();
         progress(&format!("block: {}, {rounds} rounds ...", w.name));
         for round in 0..rounds {
             for k in 0..sessions.len() {
@@ -432,7 +430,7 @@ fn blk_section(
                 };
                 let s = &mut sessions[b];
                 let o = s
-                    .run(w, &image.path, warmup, secs)
+                    .run(w, warmup, secs)
                     .unwrap_or_else(|e| panic!("{}: {e}", s.backend.name()));
                 progress(&format!(
                     "  {} {}: {:.0} IOPS, {:.1} MB/s, {:.1} us CPU/IO",
@@ -442,10 +440,11 @@ fn blk_section(
                     o.mbps,
                     o.cpu_us_per_io
                 ));
-                if let Some(runs) = results[b].last_mut() {
-                    runs.push(o);
-                }
+                runs[b].push(o);
             }
+        }
+        for (r, runs) in results.iter_mut().zip(runs) {
+            r.push(runs);
         }
     }
     drop(sessions);
@@ -489,6 +488,8 @@ fn blk_section(
     let mut worst = f64::INFINITY;
     let mut behind = Vec::new();
     let mut why = Vec::new();
+    // The reference copy's time, per size, timed once (it allocates 128 MiB).
+    let mut copies = std::collections::HashMap::new();
     for (i, w) in workloads.iter().enumerate() {
         let (o, q) = (&ours[i], &qsd[i]);
         let ratio = o.iops / q.iops.max(1e-9);
@@ -501,7 +502,9 @@ fn blk_section(
         if ratio < 1.0 {
             behind.push(format!("{} ({ratio:.2}x)", w.name));
             why.push(if w.shape.block >= 1 << 20 {
-                let copy = copy_us(w.shape.block as usize);
+                let copy = *copies
+                    .entry(w.shape.block)
+                    .or_insert_with(|| copy_us(w.shape.block as usize));
                 format!(
                     "{}: each request is one {} KiB copy between the page cache and guest memory \
                      in either back end, and a plain copy of that size takes {copy:.0} us on \

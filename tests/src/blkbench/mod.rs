@@ -313,6 +313,8 @@ fn settle(image: &Path) {
 #[derive(Debug)]
 pub struct Session {
     pub backend: Backend,
+    /// The file served.
+    image: PathBuf,
     // Dropped before the server: the front end leaves first, and ours then ends by itself.
     drv: Driver,
     server: Server,
@@ -330,20 +332,20 @@ impl Session {
         let drv = Driver::connect(&server.socket, event_idx)?;
         Ok(Session {
             backend,
+            image: image.to_owned(),
             drv,
             server,
         })
     }
 
-    /// Runs `w` once, from clean cached pages of `image` (the file this back end serves).
+    /// Runs `w` once, from clean cached pages of the image.
     pub fn run(
         &mut self,
         w: &Workload,
-        image: &Path,
         warmup: Duration,
         measure: Duration,
     ) -> Result<Outcome, DriverError> {
-        settle(image);
+        settle(&self.image);
         let pid = self.server.child.id();
         if !w.one_cpu {
             return run_workload(&mut self.drv, w, pid, warmup, measure);

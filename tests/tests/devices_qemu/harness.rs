@@ -216,7 +216,8 @@ impl Vm {
     /// [`Vm::start`] with extra environment for the VMM (e.g. `KUBEVIRT_VMM_LOG`).
     pub fn start_with_env(device_args: &[String], script: &str, env: &[(&str, &str)]) -> Vm {
         let cmdline = format!(
-            "console=ttyS0 reboot=k panic=-1 no_timer_check quiet kvtest.cmd={}",
+            "{} kvtest.cmd={}",
+            vmm::GUEST_CMDLINE,
             base64(script.as_bytes())
         );
         // x86 COMMAND_LINE_SIZE is 2048 and QEMU appends virtio_mmio.device= for each device.
