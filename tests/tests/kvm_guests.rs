@@ -29,6 +29,18 @@ fn hello_guest_prints_and_resets() {
 }
 
 #[test]
+fn the_vcpu_that_resets_leaves_without_entering_the_guest_again() {
+    require_kvm();
+    let (cfg, _console) = tiny_config("hello");
+    let mut vm = vmm::build_microvm(cfg).unwrap().start().unwrap();
+    let exits = vm.exit_counters();
+    assert_eq!(vm.wait_timeout(T), Some(VmExit::Reset));
+    // The byte to COM1 and the reset command to the i8042: two exits. A vCPU that went
+    // back into the guest after the reset would leave a third, when kicked out of it.
+    assert_eq!(exits[0].load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
 fn boot_state_matches_the_linux_64bit_protocol() {
     require_kvm();
     let (mut cfg, console) = tiny_config("bootstate");

@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::VirtioDevice;
@@ -14,7 +15,7 @@ use crate::arch::{cpuid, layout, memory, mptable, paging, regs};
 use crate::boot::{self, LoadedKernel};
 use crate::bus::Bus;
 use crate::config::{SerialOutput, VmConfig};
-use crate::legacy::{EventFdTrigger, Serial, SerialInput, I8042};
+use crate::legacy::{ResetLine, Serial, SerialInput, I8042};
 use crate::vcpu::Vcpu;
 use crate::virtio_mmio::{regs as mmio_regs, MmioInterrupt, MmioTransport, QueueEvents};
 use crate::vm::{Vm, VmError};
@@ -88,9 +89,14 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
         None => None,
     };
     let mut event_manager = EventManager::new().map_err(BuildError::EventManager)?;
-    let reset_evt = eventfd()?;
+    let reset = ResetLine {
+        evt: eventfd()?,
+        pulled: Arc::default(),
+    };
+    let reset_evt = reset.evt.try_clone().map_err(BuildError::EventFd)?;
+    let reset_pulled = reset.pulled.clone();
     let serial_output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
-    let pio = attach_legacy_devices(&vm, serial_output, &config, &reset_evt, &mut event_manager)?;
+    let pio = attach_legacy_devices(&vm, serial_output, &config, reset, &mut event_manager)?;
     let mut mmio = MmioDevices::default();
     let devices = create_devices(&mut config)?;
     let counters = DeviceCounters::from(devices.as_slice());
@@ -105,6 +111,7 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
         cr3,
         Arc::new(pio),
         Arc::new(mmio.bus),
+        reset_pulled,
     )?;
     Ok(Vmm {
         vm,
@@ -186,7 +193,7 @@ fn attach_legacy_devices(
     vm: &Vm,
     serial_output: SerialOutput,
     config: &VmConfig,
-    reset_evt: &EventFd,
+    reset: ResetLine,
     em: &mut EventManager<Subscriber>,
 ) -> Result<Bus, BuildError> {
     let out: Box<dyn Write + Send> = match serial_output {
@@ -215,7 +222,6 @@ fn attach_legacy_devices(
             SerialInput::new(serial.clone(), drained, source).map_err(BuildError::Serial)?;
         em.add_subscriber(Arc::new(Mutex::new(input)));
     }
-    let reset = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
     let mut pio = Bus::new();
     pio.insert(
         serial,
@@ -325,6 +331,7 @@ fn create_vcpus(
     cr3: u64,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    reset_pulled: Arc<AtomicBool>,
 ) -> Result<Vec<Vcpu>, BuildError> {
     (0..config.vcpus)
         .map(|id| {
@@ -347,7 +354,13 @@ fn create_vcpus(
             if id == 0 {
                 regs::setup_boot_cpu(&fd, entry, cr3)?;
             }
-            Ok(Vcpu::new(id, fd, pio.clone(), mmio.clone()))
+            Ok(Vcpu::new(
+                id,
+                fd,
+                pio.clone(),
+                mmio.clone(),
+                reset_pulled.clone(),
+            ))
         })
         .collect()
 }

@@ -326,11 +326,19 @@ pub fn confine_disk_io() -> Result<(), String> {
 /// Settles, once per process and before any filter, what glibc would otherwise look up
 /// lazily on a confined thread: the malloc arena limit, which it computes from
 /// /sys/devices/system/cpu/online when a ninth thread first allocates (an `openat` no filter
-/// allows). The limit set is glibc's own default, eight arenas per CPU.
+/// allows). The limit set is glibc's own default, eight arenas per CPU this process may run
+/// on (one sched_getaffinity, where `available_parallelism` would also read cgroup files).
 fn settle_process() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: cpu_set_t is plain data, and sched_getaffinity writes at most its size.
+        let cpus = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            match libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) {
+                0 => libc::CPU_COUNT(&set).max(1) as usize,
+                _ => 1,
+            }
+        };
         // SAFETY: mallopt only sets an allocator parameter.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, (8 * cpus).min(i32::MAX as usize) as i32) };
     });

@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -105,6 +105,8 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    /// Set once the guest pulls the reset line (see `legacy::ResetLine`).
+    reset_pulled: Arc<AtomicBool>,
     /// KVM_RUN returns so far (VM exits), for metrics.
     exits: Arc<AtomicU64>,
 }
@@ -152,12 +154,19 @@ impl VcpuHandle {
 }
 
 impl Vcpu {
-    pub fn new(id: u8, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>) -> Self {
+    pub fn new(
+        id: u8,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        reset_pulled: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             id,
             fd,
             pio,
             mmio,
+            reset_pulled,
             exits: Arc::default(),
         }
     }
@@ -270,7 +279,11 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
                     self.pio.write(port as u64, data);
-                    continue;
+                    // A reset (i8042) ends the guest: leave without entering it again.
+                    if !self.reset_pulled.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    Some(VcpuExitReason::Reset)
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if !self.mmio.read(addr, data) {

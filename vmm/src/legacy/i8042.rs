@@ -3,15 +3,15 @@
 
 use vm_superio::I8042Device;
 
-use super::EventFdTrigger;
+use super::ResetLine;
 use crate::bus::BusDevice;
 
 /// i8042 on ports 0x60-0x64; a CPU reset command triggers the VM's reset event.
 #[derive(Debug)]
-pub struct I8042(I8042Device<EventFdTrigger>);
+pub struct I8042(I8042Device<ResetLine>);
 
 impl I8042 {
-    pub fn new(reset: EventFdTrigger) -> Self {
+    pub fn new(reset: ResetLine) -> Self {
         Self(I8042Device::new(reset))
     }
 }
@@ -35,15 +35,23 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     #[test]
-    fn reset_command_triggers_event() {
+    fn reset_command_pulls_the_reset_line() {
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut dev = I8042::new(EventFdTrigger(evt.try_clone().unwrap()));
+        let pulled = Arc::new(AtomicBool::new(false));
+        let mut dev = I8042::new(ResetLine {
+            evt: evt.try_clone().unwrap(),
+            pulled: pulled.clone(),
+        });
         dev.write(4, &[0x01]);
         assert!(evt.read().is_err(), "other commands do nothing");
+        assert!(!pulled.load(Ordering::Acquire));
         dev.write(4, &[0xfe]);
         assert_eq!(evt.read().unwrap(), 1);
+        assert!(pulled.load(Ordering::Acquire));
     }
 }
