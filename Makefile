@@ -26,11 +26,12 @@ build:
 	@for b in $(BINARIES); do ln -sf ../x86_64-unknown-linux-gnu/release/$$b target/release/$$b; done
 
 # Guest kernel (cached by source version + config fragment) and the pod initramfs with the
-# agent as /init (target/guest/initramfs.img; packing it takes a second).
+# agent as /init (target/guest/initramfs.img; packing it takes a second), the agent built
+# for size (the `agent` profile in Cargo.toml).
 guest: deps
 	@./guest-kernel/build.sh $(GUEST_DIR)
-	$(CARGO) build --release -p agent
-	@./guest-kernel/initramfs.sh $(BIN_DIR)/kubevirt-agent $(GUEST_DIR)
+	$(CARGO) build --profile agent -p agent
+	@./guest-kernel/initramfs.sh target/x86_64-unknown-linux-gnu/agent/kubevirt-agent $(GUEST_DIR)
 	@echo "guest: kernel $(GUEST_DIR)/vmlinux -> $$(readlink -f $(GUEST_DIR)/vmlinux)"
 	@echo "guest: initramfs $(GUEST_DIR)/initramfs.img"
 
