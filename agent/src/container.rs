@@ -17,6 +17,7 @@ use nix::unistd::Pid;
 use crate::cgroup::{self, OomWatcher, Usage};
 use crate::error::{AgentError, Result};
 use crate::init::RUN_DIR;
+use crate::podinit::PodInit;
 use crate::reaper::{Exit, Exits};
 use crate::spec;
 use crate::stdio::{ConsoleSocket, Stdio};
@@ -56,6 +57,8 @@ pub struct Containers {
     oom: Arc<OomWatcher>,
     /// Creates and execs one at a time: libcontainer's builders fork and wait on helpers.
     runtime_lock: Mutex<()>,
+    /// The PID namespace the pod's containers share (shareProcessNamespace).
+    pod_init: PodInit,
 }
 
 fn runtime_root() -> PathBuf {
@@ -120,6 +123,7 @@ impl Containers {
             exits,
             oom,
             runtime_lock: Mutex::new(()),
+            pod_init: PodInit::default(),
         }
     }
 
@@ -206,7 +210,9 @@ impl Containers {
         dir: &Path,
         rootfs: &Rootfs,
     ) -> Result<(Runtime, Process)> {
-        let spec = spec::prepare(o.spec_json, o.id, &rootfs.path)?;
+        let spec = spec::prepare(o.spec_json, o.id, &rootfs.path, || {
+            self.pod_init.pid_namespace()
+        })?;
         let terminal = spec
             .process()
             .as_ref()

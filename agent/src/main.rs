@@ -8,6 +8,7 @@ mod error;
 mod init;
 mod logger;
 mod network;
+mod podinit;
 mod reaper;
 mod resources;
 mod sandbox;
@@ -70,6 +71,13 @@ fn serve() -> Result<(), String> {
 }
 
 fn main() {
+    // The same binary is the pod's shared PID namespace's init (see `podinit`).
+    if std::env::args_os()
+        .next()
+        .is_some_and(|a| a == podinit::NAME)
+    {
+        podinit::serve();
+    }
     logger::init(log::LevelFilter::Info);
     if nix::unistd::getpid().as_raw() != 1 {
         eprintln!("kubevirt-agent is the guest's init: it must run as PID 1 inside the pod VM");

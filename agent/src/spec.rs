@@ -1,8 +1,9 @@
 //! Takes the OCI spec the shim sends and makes it safe and right for the guest: the root is the
-//! overlay the agent built, pod-shared namespaces are the VM's own, the cgroup is the agent's, and
-//! bind mounts may only come from what the shim placed in the guest.
+//! overlay the agent built, pod-shared namespaces are the VM's own (the PID one is the pod's,
+//! see `podinit`), the cgroup is the agent's, and bind mounts may only come from what the shim
+//! placed in the guest.
 
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{LinuxNamespaceType, Process, Root, Spec};
 
@@ -74,8 +75,14 @@ fn strip_labels(p: &mut Process) {
     p.set_selinux_label(None);
 }
 
-/// Parses and adapts a container's spec; `rootfs` is the overlay the agent mounted.
-pub fn prepare(json: &[u8], container_id: &str, rootfs: &Path) -> Result<Spec> {
+/// Parses and adapts a container's spec; `rootfs` is the overlay the agent mounted, and
+/// `pod_pid_ns` gives the pod's shared PID namespace, asked for only by a spec that joins one.
+pub fn prepare(
+    json: &[u8],
+    container_id: &str,
+    rootfs: &Path,
+    pod_pid_ns: impl FnOnce() -> Result<PathBuf>,
+) -> Result<Spec> {
     let mut spec: Spec =
         serde_json::from_slice(json).map_err(|e| AgentError::invalid("OCI spec", e.to_string()))?;
     let process = spec
@@ -136,13 +143,20 @@ pub fn prepare(json: &[u8], container_id: &str, rootfs: &Path) -> Result<Spec> {
     linux.set_devices(None);
     if let Some(namespaces) = linux.namespaces_mut() {
         let mut kept = Vec::new();
-        for ns in namespaces.drain(..) {
+        let mut pod_pid_ns = Some(pod_pid_ns);
+        for mut ns in namespaces.drain(..) {
             match ns.typ() {
                 // Shared by the pod's containers: the VM's own.
                 LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts => {
                 }
-                // A pod-shared PID namespace (a path) is the VM's; otherwise a new one.
-                LinuxNamespaceType::Pid if ns.path().is_some() => {}
+                // The host's path of the pod-shared PID namespace becomes the guest's pod
+                // namespace; without a path, a namespace of the container's own.
+                LinuxNamespaceType::Pid if ns.path().is_some() => {
+                    if let Some(pod) = pod_pid_ns.take() {
+                        ns.set_path(Some(pod()?));
+                        kept.push(ns);
+                    }
+                }
                 _ if ns.path().is_some() => {
                     return Err(AgentError::invalid(
                         "namespace",
@@ -192,12 +206,50 @@ mod tests {
         serde_json::to_vec(&s).unwrap()
     }
 
+    fn no_pod_ns() -> Result<PathBuf> {
+        panic!("the pod's PID namespace was asked for by a spec that does not join it")
+    }
+
+    #[test]
+    fn a_pod_shared_pid_namespace_is_the_pods_own_in_the_guest() {
+        let shared = serde_json::json!({"linux": {"namespaces": [
+            {"type": "pid", "path": "/proc/4242/ns/pid"}, {"type": "mount"},
+            {"type": "network", "path": "/var/run/netns/cni-1"}
+        ]}});
+        let spec = prepare(&spec_with(shared), "c", Path::new("/r"), || {
+            Ok(PathBuf::from("/proc/7/ns/pid"))
+        })
+        .unwrap();
+        let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let pid = namespaces
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Pid)
+            .unwrap();
+        assert_eq!(pid.path().as_deref(), Some(Path::new("/proc/7/ns/pid")));
+        assert_eq!(namespaces.len(), 2, "{namespaces:?}");
+        // hostPID: no PID namespace in the spec, so the VM's (the agent's) is used.
+        let host = serde_json::json!({"linux": {"namespaces": [{"type": "mount"}]}});
+        let spec = prepare(&spec_with(host), "c", Path::new("/r"), no_pod_ns).unwrap();
+        let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        assert!(namespaces
+            .iter()
+            .all(|n| n.typ() != LinuxNamespaceType::Pid));
+        // The pod's namespace failing to start fails the container, naming why.
+        let shared = serde_json::json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]}});
+        let err = prepare(&spec_with(shared), "c", Path::new("/r"), || {
+            Err(AgentError::invalid("pod", "no namespace"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("no namespace"), "{err}");
+    }
+
     #[test]
     fn root_cgroup_and_namespaces_are_the_guests() {
         let spec = prepare(
             &spec_with(serde_json::json!({})),
             "c1",
             Path::new("/run/kubevirt/containers/c1/rootfs"),
+            no_pod_ns,
         )
         .unwrap();
         assert_eq!(
@@ -225,7 +277,7 @@ mod tests {
             {"destination": "/data", "type": "bind", "source": "/run/kubevirt/volumes/data", "options": ["rbind"]},
             {"destination": "/proc", "type": "proc", "source": "proc"}
         ]});
-        prepare(&spec_with(ok), "c", Path::new("/r")).unwrap();
+        prepare(&spec_with(ok), "c", Path::new("/r"), no_pod_ns).unwrap();
         for source in [
             "/etc/shadow",
             "/run/kubevirt/volumes/../../../etc",
@@ -233,14 +285,14 @@ mod tests {
             "/run/kubevirt/images/x",
         ] {
             let bad = serde_json::json!({"mounts": [{"destination": "/x", "type": "bind", "source": source}]});
-            let err = prepare(&spec_with(bad), "c", Path::new("/r"))
+            let err = prepare(&spec_with(bad), "c", Path::new("/r"), no_pod_ns)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("outside the pod's volumes"), "{source}: {err}");
         }
         let bad =
             serde_json::json!({"mounts": [{"destination": "/x", "type": "nfs", "source": "h:/x"}]});
-        assert!(prepare(&spec_with(bad), "c", Path::new("/r"))
+        assert!(prepare(&spec_with(bad), "c", Path::new("/r"), no_pod_ns)
             .unwrap_err()
             .to_string()
             .contains("not supported"));
@@ -248,20 +300,24 @@ mod tests {
 
     #[test]
     fn malformed_specs_are_refused_clearly() {
-        assert!(prepare(b"{not json", "c", Path::new("/r"))
+        assert!(prepare(b"{not json", "c", Path::new("/r"), no_pod_ns)
             .unwrap_err()
             .to_string()
             .starts_with("invalid OCI spec"));
         let no_args =
             serde_json::json!({"process": {"args": [], "cwd": "/", "user": {"uid": 0, "gid": 0}}});
-        assert!(prepare(&spec_with(no_args), "c", Path::new("/r"))
-            .unwrap_err()
-            .to_string()
-            .contains("args are empty"));
+        assert!(
+            prepare(&spec_with(no_args), "c", Path::new("/r"), no_pod_ns)
+                .unwrap_err()
+                .to_string()
+                .contains("args are empty")
+        );
         let user_ns = serde_json::json!({"linux": {"namespaces": [{"type": "user", "path": "/proc/1/ns/user"}]}});
-        assert!(prepare(&spec_with(user_ns), "c", Path::new("/r"))
-            .unwrap_err()
-            .to_string()
-            .contains("cannot be joined"));
+        assert!(
+            prepare(&spec_with(user_ns), "c", Path::new("/r"), no_pod_ns)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot be joined")
+        );
     }
 }

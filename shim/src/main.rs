@@ -14,6 +14,7 @@ mod mounts;
 mod netlink;
 mod network;
 mod phases;
+mod pidns;
 mod pod;
 mod rates;
 mod rootfs;

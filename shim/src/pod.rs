@@ -46,6 +46,8 @@ pub struct PodSpec {
     pub labels: String,
     /// I/O limits of the pod's disks and NIC.
     pub rates: PodRates,
+    /// hostPID: the pod's containers that share a PID namespace get the VM's.
+    pub host_pid: bool,
 }
 
 /// Serial of the pod's shared scratch disk (every container's writable layer).
@@ -76,6 +78,8 @@ pub struct Pod {
     cpus: Mutex<HashMap<String, BTreeSet<u32>>>,
     /// Memory-backed emptyDirs mounted in the guest.
     tmpfs: Mutex<BTreeSet<String>>,
+    /// See [`PodSpec::host_pid`].
+    pub host_pid: bool,
 }
 
 /// A slot neither an image nor a volume uses; `none` says what found none.
@@ -282,6 +286,7 @@ impl Pod {
             cgroup: Mutex::new(p.cgroup),
             cpus: Mutex::default(),
             tmpfs: Mutex::default(),
+            host_pid: p.host_pid,
         };
         pod.watch_vm();
         let now = SystemTime::now()

@@ -242,6 +242,7 @@ impl TaskService {
                     cgroup,
                     labels: metric_labels(&req.id, spec),
                     rates,
+                    host_pid: sandbox && crate::pidns::host_pid(spec),
                 },
                 &mut phases,
             )
@@ -311,6 +312,9 @@ impl TaskService {
             }
             phases.mark("files");
             let mut spec = spec;
+            if pod.host_pid {
+                crate::pidns::use_the_vms(&mut spec);
+            }
             for (index, v) in &needs.volumes {
                 let slot = pod.attach_volume(&v.host, v.read_only)?;
                 mounts::set_volume_source(&mut spec, *index, &slot);

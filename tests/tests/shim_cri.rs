@@ -349,6 +349,70 @@ fn a_host_network_pod_is_refused_with_a_clear_error() {
     assert!(e.message().contains("hostNetwork"), "{e}");
 }
 
+/// The CRI's namespace options with the PID namespace in `mode`.
+fn pid_mode(mode: cri::v1::NamespaceMode) -> Option<cri::v1::NamespaceOption> {
+    Some(cri::v1::NamespaceOption {
+        pid: mode as i32,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn share_process_namespace_shows_pause_as_pid_1_and_hides_the_agent() {
+    let (_ns, c, mut cri) = cri_env("kvcripid");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let mut cfg = pod_config("sharedpid", &logs);
+    cfg.linux = Some(cri::v1::LinuxPodSandboxConfig {
+        security_context: Some(cri::v1::LinuxSandboxSecurityContext {
+            namespace_options: pid_mode(cri::v1::NamespaceMode::Pod),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod = cri
+        .run_pod(cfg.clone())
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", tail(&c.log(), 40)));
+    let mut ids = Vec::new();
+    for (name, seconds) in [("first", "1001"), ("second", "1002")] {
+        let mut ctr = container_config(name, IMAGE, &["sleep", seconds], vec![]);
+        ctr.linux = Some(cri::v1::LinuxContainerConfig {
+            security_context: Some(cri::v1::LinuxContainerSecurityContext {
+                namespace_options: pid_mode(cri::v1::NamespaceMode::Pod),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = cri
+            .create_container(&pod, ctr, &cfg)
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", tail(&c.log(), 40)));
+        cri.start_container(&id).unwrap();
+        ids.push(id);
+    }
+    // Every process of the namespace: PID 1 is `pause`, both containers' sleeps are there,
+    // and the agent (the VM's init) is not.
+    let list =
+        "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(cat $p/cmdline | tr '\\0' ' ')\"; done";
+    let r = cri.exec_sync(&ids[1], &["sh", "-c", list]).unwrap();
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&"1 pause "), "{out}");
+    assert!(lines.iter().any(|l| l.ends_with(" sleep 1001 ")), "{out}");
+    assert!(lines.iter().any(|l| l.ends_with(" sleep 1002 ")), "{out}");
+    assert!(!out.contains("init"), "the agent is visible: {out}");
+    // PID 1 of the namespace takes no signal from inside it: the pod's namespace stays.
+    let r = cri
+        .exec_sync(
+            &ids[0],
+            &["sh", "-c", "kill -9 1; sleep 1; cat /proc/1/cmdline"],
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "pause\0");
+    cri.stop_pod(&pod).unwrap();
+    cri.remove_pod(&pod).unwrap();
+}
+
 #[test]
 fn kubectl_exec_and_attach_stream_with_a_terminal_and_resize() {
     use tests::stream::{Stream, STDIN};

@@ -249,7 +249,7 @@ fn a_killed_vmm_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
     assert_nothing_left(&c, Some(&ns));
 }
 
-/// A privileged container sharing the VM's PID namespace makes every thread of the agent
+/// A privileged hostPID container (the VM's PID namespace) makes every thread of the agent
 /// (the guest's PID 1) return from its system call into `ud2`: a real crash of the agent.
 const CRASH_THE_AGENT: &str = "for t in /proc/1/task/*; do \
      pc=$(awk '{print $NF}' $t/syscall); \
@@ -262,9 +262,9 @@ fn an_agent_crash_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
     let logs = c.dir.join("pod-logs");
     fs::create_dir_all(&logs).unwrap();
     let mut cfg = pod_config("agentcrash", &logs);
-    // shareProcessNamespace: the pod's containers share the VM's PID namespace.
+    // hostPID: the pod's "host" is its VM, whose PID 1 is the agent.
     let shared = cri::v1::NamespaceOption {
-        pid: cri::v1::NamespaceMode::Pod as i32,
+        pid: cri::v1::NamespaceMode::Node as i32,
         ..Default::default()
     };
     cfg.linux = Some(cri::v1::LinuxPodSandboxConfig {
