@@ -2,7 +2,6 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::VirtioDevice;
@@ -89,14 +88,9 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
         None => None,
     };
     let mut event_manager = EventManager::new().map_err(BuildError::EventManager)?;
-    let reset = ResetLine {
-        evt: eventfd()?,
-        pulled: Arc::default(),
-    };
-    let reset_evt = reset.evt.try_clone().map_err(BuildError::EventFd)?;
-    let reset_pulled = reset.pulled.clone();
+    let reset = ResetLine::default();
     let serial_output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
-    let pio = attach_legacy_devices(&vm, serial_output, &config, reset, &mut event_manager)?;
+    let pio = attach_legacy_devices(&vm, serial_output, &config, &reset, &mut event_manager)?;
     let mut mmio = MmioDevices::default();
     let devices = create_devices(&mut config)?;
     let counters = DeviceCounters::from(devices.as_slice());
@@ -111,14 +105,13 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
         cr3,
         Arc::new(pio),
         Arc::new(mmio.bus),
-        reset_pulled,
+        &reset,
     )?;
     Ok(Vmm {
         vm,
         mem,
         vcpus,
         event_manager,
-        reset_evt,
         seccomp: config.seccomp,
         counters,
     })
@@ -193,7 +186,7 @@ fn attach_legacy_devices(
     vm: &Vm,
     serial_output: SerialOutput,
     config: &VmConfig,
-    reset: ResetLine,
+    reset: &ResetLine,
     em: &mut EventManager<Subscriber>,
 ) -> Result<Bus, BuildError> {
     let out: Box<dyn Write + Send> = match serial_output {
@@ -229,7 +222,7 @@ fn attach_legacy_devices(
         layout::SERIAL_PORT_LEN as u64,
     )?;
     pio.insert(
-        Arc::new(Mutex::new(I8042::new(reset))),
+        Arc::new(Mutex::new(I8042::new(reset.clone()))),
         layout::I8042_PORT as u64,
         layout::I8042_PORT_LEN as u64,
     )?;
@@ -331,7 +324,7 @@ fn create_vcpus(
     cr3: u64,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    reset_pulled: Arc<AtomicBool>,
+    reset: &ResetLine,
 ) -> Result<Vec<Vcpu>, BuildError> {
     (0..config.vcpus)
         .map(|id| {
@@ -354,13 +347,7 @@ fn create_vcpus(
             if id == 0 {
                 regs::setup_boot_cpu(&fd, entry, cr3)?;
             }
-            Ok(Vcpu::new(
-                id,
-                fd,
-                pio.clone(),
-                mmio.clone(),
-                reset_pulled.clone(),
-            ))
+            Ok(Vcpu::new(id, fd, pio.clone(), mmio.clone(), reset.clone()))
         })
         .collect()
 }

@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+use crate::legacy::ResetLine;
 
 /// Errors while starting or controlling vCPUs.
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +106,8 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    /// Set once the guest pulls the reset line (see `legacy::ResetLine`).
-    reset_pulled: Arc<AtomicBool>,
+    /// Pulled by the guest's reset command (see `legacy::ResetLine`).
+    reset: ResetLine,
     /// KVM_RUN returns so far (VM exits), for metrics.
     exits: Arc<AtomicU64>,
 }
@@ -154,19 +155,13 @@ impl VcpuHandle {
 }
 
 impl Vcpu {
-    pub fn new(
-        id: u8,
-        fd: VcpuFd,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        reset_pulled: Arc<AtomicBool>,
-    ) -> Self {
+    pub fn new(id: u8, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>, reset: ResetLine) -> Self {
         Self {
             id,
             fd,
             pio,
             mmio,
-            reset_pulled,
+            reset,
             exits: Arc::default(),
         }
     }
@@ -280,7 +275,7 @@ impl Vcpu {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     self.pio.write(port as u64, data);
                     // A reset (i8042) ends the guest: leave without entering it again.
-                    if !self.reset_pulled.load(Ordering::Acquire) {
+                    if !self.reset.pulled() {
                         continue;
                     }
                     Some(VcpuExitReason::Reset)

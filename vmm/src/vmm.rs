@@ -114,7 +114,6 @@ pub struct Vmm {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) event_manager: EventManager<Subscriber>,
-    pub(crate) reset_evt: EventFd,
     /// Confine the vCPU and VMM threads (see `seccomp`).
     pub(crate) seccomp: bool,
     pub(crate) counters: crate::builder::DeviceCounters,
@@ -141,26 +140,21 @@ impl Control {
     }
 }
 
-/// Wakes the event loop on reset, vCPU exit or stop, and records the VM's end.
+/// Wakes the event loop when a vCPU ends (a guest reset is one: see `legacy::ResetLine`) or
+/// on stop, and records the VM's end.
 struct ExitWatcher {
-    reset_evt: EventFd,
     vcpu_exit_evt: EventFd,
     stop_evt: EventFd,
     exits: Receiver<(u8, VcpuExitReason)>,
     result: Arc<Mutex<Option<VmExit>>>,
 }
 
-const RESET: u32 = 1;
-const VCPU_EXIT: u32 = 2;
-const STOP: u32 = 3;
+const VCPU_EXIT: u32 = 1;
+const STOP: u32 = 2;
 
 impl MutEventSubscriber for ExitWatcher {
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, data) in [
-            (&self.reset_evt, RESET),
-            (&self.vcpu_exit_evt, VCPU_EXIT),
-            (&self.stop_evt, STOP),
-        ] {
+        for (fd, data) in [(&self.vcpu_exit_evt, VCPU_EXIT), (&self.stop_evt, STOP)] {
             if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
                 *lock(&self.result) = Some(VmExit::Error(format!("cannot watch exit events: {e}")));
             }
@@ -169,10 +163,6 @@ impl MutEventSubscriber for ExitWatcher {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let exit = match events.data() {
-            RESET => {
-                let _ = self.reset_evt.read();
-                VmExit::Reset
-            }
             VCPU_EXIT => {
                 let _ = self.vcpu_exit_evt.read();
                 match self.exits.try_recv() {
@@ -304,7 +294,6 @@ impl Vmm {
             mem,
             vcpus,
             mut event_manager,
-            reset_evt,
             seccomp,
             counters: _,
         } = self;
@@ -332,7 +321,6 @@ impl Vmm {
         });
         let result = Arc::new(Mutex::new(None));
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
-            reset_evt,
             vcpu_exit_evt,
             stop_evt,
             exits: exit_rx,

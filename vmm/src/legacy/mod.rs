@@ -22,19 +22,21 @@ impl vm_superio::Trigger for EventFdTrigger {
     }
 }
 
-/// The guest's reset line: marks the VM as ending, then wakes the VMM through `evt`. The
-/// vCPU whose write pulled it sees the mark and leaves at once, instead of entering the
-/// guest again only to be kicked out.
-#[derive(Debug)]
-pub struct ResetLine {
-    pub evt: EventFd,
-    pub pulled: Arc<AtomicBool>,
+/// The guest's reset line. Only a vCPU's port write can pull it, so that vCPU sees it pulled
+/// as its write returns, leaves the guest at once and reports the reset to the VMM.
+#[derive(Debug, Clone, Default)]
+pub struct ResetLine(pub Arc<AtomicBool>);
+
+impl ResetLine {
+    pub fn pulled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl vm_superio::Trigger for ResetLine {
-    type E = std::io::Error;
-    fn trigger(&self) -> std::io::Result<()> {
-        self.pulled.store(true, Ordering::Release);
-        self.evt.write(1)
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.store(true, Ordering::Release);
+        Ok(())
     }
 }
