@@ -153,6 +153,14 @@ impl Containers {
     /// Builds the rootfs and creates the container's init process, stopped before exec.
     pub fn create(&self, o: &CreateOptions) -> Result<()> {
         check_name("container id", o.id)?;
+        // The pod's own directories on the scratch disk start with one (as in containerd,
+        // no id can).
+        if o.id.starts_with('.') {
+            return Err(AgentError::invalid(
+                "container id",
+                "must not start with '.'",
+            ));
+        }
         if o.image_serial.is_empty() {
             return Err(AgentError::invalid("rootfs", "no image device id"));
         }
@@ -210,7 +218,8 @@ impl Containers {
         dir: &Path,
         rootfs: &Rootfs,
     ) -> Result<(Runtime, Process)> {
-        let spec = spec::prepare(o.spec_json, o.id, &rootfs.path, || {
+        let emptydir = rootfs.emptydir();
+        let spec = spec::prepare(o.spec_json, o.id, &rootfs.path, &emptydir, || {
             self.pod_init.pid_namespace()
         })?;
         let terminal = spec

@@ -13,6 +13,10 @@ use crate::init::RUN_DIR;
 /// Guest directories a container may bind-mount from.
 const BIND_SOURCES: [&str; 3] = ["volumes", "files", "sandbox"];
 
+/// Where the shim's specs name the pod's disk-backed emptyDirs (`<this>/<name>`), under
+/// [`RUN_DIR`]; [`prepare`] puts them where the agent keeps them.
+const EMPTYDIR: &str = "sandbox/emptydir";
+
 /// File systems a container may mount fresh (no source on the guest).
 const KERNEL_FS: [&str; 7] = [
     "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
@@ -44,11 +48,6 @@ fn check_bind_source(source: &Path, destination: &Path) -> Result<()> {
             ),
         ));
     }
-    // Pod-wide directories (emptyDir) live in the guest: made on first use.
-    if source.starts_with(Path::new(RUN_DIR).join("sandbox/emptydir")) {
-        std::fs::create_dir_all(source)
-            .map_err(AgentError::io(format!("create {}", source.display())))?;
-    }
     Ok(())
 }
 
@@ -75,12 +74,15 @@ fn strip_labels(p: &mut Process) {
     p.set_selinux_label(None);
 }
 
-/// Parses and adapts a container's spec; `rootfs` is the overlay the agent mounted, and
-/// `pod_pid_ns` gives the pod's shared PID namespace, asked for only by a spec that joins one.
+/// Parses and adapts a container's spec; `rootfs` is the overlay the agent mounted,
+/// `emptydir` the directory that holds the pod's disk-backed emptyDirs (each made on first
+/// use), and `pod_pid_ns` gives the pod's shared PID namespace, asked for only by a spec
+/// that joins one.
 pub fn prepare(
     json: &[u8],
     container_id: &str,
     rootfs: &Path,
+    emptydir: &Path,
     pod_pid_ns: impl FnOnce() -> Result<PathBuf>,
 ) -> Result<Spec> {
     let mut spec: Spec =
@@ -105,7 +107,8 @@ pub fn prepare(
         log::info!("container {container_id}: ignoring OCI hooks (they name host programs)");
         spec.set_hooks(None);
     }
-    for m in spec.mounts().iter().flatten() {
+    let named_emptydir = Path::new(RUN_DIR).join(EMPTYDIR);
+    for m in spec.mounts_mut().iter_mut().flatten() {
         let bind = m.typ().as_deref() == Some("bind")
             || m.options()
                 .iter()
@@ -121,8 +124,14 @@ pub fn prepare(
             ));
         }
         if bind {
-            let source = m.source().as_deref().unwrap_or(Path::new(""));
-            check_bind_source(source, m.destination())?;
+            let source = m.source().clone().unwrap_or_default();
+            check_bind_source(&source, m.destination())?;
+            if let Ok(name) = source.strip_prefix(&named_emptydir) {
+                let dir = emptydir.join(name);
+                std::fs::create_dir_all(&dir)
+                    .map_err(AgentError::io(format!("create {}", dir.display())))?;
+                m.set_source(Some(dir));
+            }
         } else if !m.typ().as_deref().is_some_and(|t| KERNEL_FS.contains(&t)) {
             return Err(AgentError::invalid(
                 "mount",
@@ -210,15 +219,24 @@ mod tests {
         panic!("the pod's PID namespace was asked for by a spec that does not join it")
     }
 
+    /// [`prepare`] for a spec that joins no pod namespace and names no emptyDir.
+    fn plain(json: &[u8]) -> Result<Spec> {
+        prepare(json, "c", Path::new("/r"), Path::new("/e"), no_pod_ns)
+    }
+
     #[test]
     fn a_pod_shared_pid_namespace_is_the_pods_own_in_the_guest() {
         let shared = serde_json::json!({"linux": {"namespaces": [
             {"type": "pid", "path": "/proc/4242/ns/pid"}, {"type": "mount"},
             {"type": "network", "path": "/var/run/netns/cni-1"}
         ]}});
-        let spec = prepare(&spec_with(shared), "c", Path::new("/r"), || {
-            Ok(PathBuf::from("/proc/7/ns/pid"))
-        })
+        let spec = prepare(
+            &spec_with(shared),
+            "c",
+            Path::new("/r"),
+            Path::new("/e"),
+            || Ok(PathBuf::from("/proc/7/ns/pid")),
+        )
         .unwrap();
         let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         let pid = namespaces
@@ -229,16 +247,20 @@ mod tests {
         assert_eq!(namespaces.len(), 2, "{namespaces:?}");
         // hostPID: no PID namespace in the spec, so the VM's (the agent's) is used.
         let host = serde_json::json!({"linux": {"namespaces": [{"type": "mount"}]}});
-        let spec = prepare(&spec_with(host), "c", Path::new("/r"), no_pod_ns).unwrap();
+        let spec = plain(&spec_with(host)).unwrap();
         let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert!(namespaces
             .iter()
             .all(|n| n.typ() != LinuxNamespaceType::Pid));
         // The pod's namespace failing to start fails the container, naming why.
         let shared = serde_json::json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]}});
-        let err = prepare(&spec_with(shared), "c", Path::new("/r"), || {
-            Err(AgentError::invalid("pod", "no namespace"))
-        })
+        let err = prepare(
+            &spec_with(shared),
+            "c",
+            Path::new("/r"),
+            Path::new("/e"),
+            || Err(AgentError::invalid("pod", "no namespace")),
+        )
         .unwrap_err();
         assert!(err.to_string().contains("no namespace"), "{err}");
     }
@@ -249,6 +271,7 @@ mod tests {
             &spec_with(serde_json::json!({})),
             "c1",
             Path::new("/run/kubevirt/containers/c1/rootfs"),
+            Path::new("/e"),
             no_pod_ns,
         )
         .unwrap();
@@ -277,7 +300,7 @@ mod tests {
             {"destination": "/data", "type": "bind", "source": "/run/kubevirt/volumes/data", "options": ["rbind"]},
             {"destination": "/proc", "type": "proc", "source": "proc"}
         ]});
-        prepare(&spec_with(ok), "c", Path::new("/r"), no_pod_ns).unwrap();
+        plain(&spec_with(ok)).unwrap();
         for source in [
             "/etc/shadow",
             "/run/kubevirt/volumes/../../../etc",
@@ -285,39 +308,58 @@ mod tests {
             "/run/kubevirt/images/x",
         ] {
             let bad = serde_json::json!({"mounts": [{"destination": "/x", "type": "bind", "source": source}]});
-            let err = prepare(&spec_with(bad), "c", Path::new("/r"), no_pod_ns)
-                .unwrap_err()
-                .to_string();
+            let err = plain(&spec_with(bad)).unwrap_err().to_string();
             assert!(err.contains("outside the pod's volumes"), "{source}: {err}");
         }
         let bad =
             serde_json::json!({"mounts": [{"destination": "/x", "type": "nfs", "source": "h:/x"}]});
-        assert!(prepare(&spec_with(bad), "c", Path::new("/r"), no_pod_ns)
+        assert!(plain(&spec_with(bad))
             .unwrap_err()
             .to_string()
             .contains("not supported"));
     }
 
     #[test]
+    fn disk_backed_empty_dirs_are_where_the_agent_keeps_them() {
+        let keep = std::env::temp_dir().join(format!("kvagent-emptydir-{}", std::process::id()));
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/cache", "type": "bind", "source": "/run/kubevirt/sandbox/emptydir/cache", "options": ["rbind"]},
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/run/kubevirt/sandbox/resolv.conf", "options": ["rbind"]}
+        ]});
+        let spec = prepare(&spec_with(spec), "c", Path::new("/r"), &keep, no_pod_ns).unwrap();
+        let sources: Vec<_> = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| m.source().clone().unwrap())
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                keep.join("cache"),
+                PathBuf::from("/run/kubevirt/sandbox/resolv.conf")
+            ]
+        );
+        assert!(keep.join("cache").is_dir(), "made on first use");
+        std::fs::remove_dir_all(&keep).unwrap();
+    }
+
+    #[test]
     fn malformed_specs_are_refused_clearly() {
-        assert!(prepare(b"{not json", "c", Path::new("/r"), no_pod_ns)
+        assert!(plain(b"{not json")
             .unwrap_err()
             .to_string()
             .starts_with("invalid OCI spec"));
         let no_args =
             serde_json::json!({"process": {"args": [], "cwd": "/", "user": {"uid": 0, "gid": 0}}});
-        assert!(
-            prepare(&spec_with(no_args), "c", Path::new("/r"), no_pod_ns)
-                .unwrap_err()
-                .to_string()
-                .contains("args are empty")
-        );
+        assert!(plain(&spec_with(no_args))
+            .unwrap_err()
+            .to_string()
+            .contains("args are empty"));
         let user_ns = serde_json::json!({"linux": {"namespaces": [{"type": "user", "path": "/proc/1/ns/user"}]}});
-        assert!(
-            prepare(&spec_with(user_ns), "c", Path::new("/r"), no_pod_ns)
-                .unwrap_err()
-                .to_string()
-                .contains("cannot be joined")
-        );
+        assert!(plain(&spec_with(user_ns))
+            .unwrap_err()
+            .to_string()
+            .contains("cannot be joined"));
     }
 }

@@ -223,6 +223,16 @@ impl Rootfs {
         disks.release(&self.image);
     }
 
+    /// Where the pod's disk-backed emptyDirs live: on the scratch disk beside the container's
+    /// writable layer, so that what a pod writes there takes disk space as it would under
+    /// runc, not guest memory; in guest memory only for a container without a scratch disk.
+    pub fn emptydir(&self) -> PathBuf {
+        match &self.upper {
+            Upper::Disk { dir, .. } => dir.with_file_name(".emptydir"),
+            Upper::Tmpfs(_) => Path::new(RUN_DIR).join("sandbox/emptydir"),
+        }
+    }
+
     pub fn teardown(&self, disks: &SharedDisks) {
         unmount(&self.path);
         self.release_layers(disks);

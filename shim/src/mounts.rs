@@ -80,7 +80,8 @@ pub fn rewrite(spec: &mut serde_json::Value, container: &str) -> Result<Needs> {
         }
         if let Some(name) = emptydir_name(&source) {
             // kubelet mounts a memory-backed emptyDir as a tmpfs of its sizeLimit: the
-            // guest gets a tmpfs of the same size; a disk-backed one a guest directory.
+            // guest gets a tmpfs of the same size; a disk-backed one a directory the agent
+            // keeps on the pod's scratch disk.
             match tmpfs_size(&source) {
                 Some(bytes) => {
                     m["source"] = format!("/run/kubevirt/volumes/{}", tmpfs_volume(&name)).into();

@@ -132,9 +132,15 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
             .join("pods/uid-web/volumes/kubernetes.io~empty-dir/mem"),
         "8m",
     );
+    // A disk-backed emptyDir: a plain directory where kubelet keeps its volumes.
+    let cache = c
+        .dir
+        .join("pods/uid-web/volumes/kubernetes.io~empty-dir/cache");
+    fs::create_dir_all(&cache).unwrap();
     let mounts = vec![
         bind(&config_dir, "/etc/config", true),
         bind(&mem.0, "/mem", false),
+        bind(&cache, "/cache", false),
     ];
     let t1 = Instant::now();
     let web = cri
@@ -156,6 +162,7 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
     let volume = vec![
         bind(&loopdev.0, "/data", false),
         bind(&mem.0, "/mem", false),
+        bind(&cache, "/cache", false),
     ];
     let side = cri
         .create_container(
@@ -226,6 +233,27 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
     let r = cri.exec_sync(&side, &["sh", "-c", full]).unwrap();
     assert_ne!(r.exit_code, 0, "10 MiB fit in an 8 MiB emptyDir");
     assert!(String::from_utf8_lossy(&r.stdout).contains("No space left"));
+
+    // The disk-backed emptyDir is on the pod's scratch disk (256 MiB here), not in guest
+    // memory: 200 MiB fit, more than a guest tmpfs holds in a VM of 256 MiB (half its
+    // memory), and both containers see the same directory.
+    let fill = "echo on-disk > /cache/note && stat -f -c %T /cache && \
+        dd if=/dev/zero of=/cache/big bs=1M count=200 2>&1 | tail -1 && rm /cache/big";
+    let r = cri.exec_sync(&web, &["sh", "-c", fill]).unwrap();
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{out}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        out.starts_with("ext2/ext3\n"),
+        "the emptyDir's file system: {out}"
+    );
+    assert!(out.contains("200+0 records out"), "{out}");
+    let r = cri.exec_sync(&side, &["cat", "/cache/note"]).unwrap();
+    assert_eq!(r.stdout, b"on-disk\n");
 
     // The pod IP answers from the test's network namespace (where the CNI bridge is).
     let ip = cri
