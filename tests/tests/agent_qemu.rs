@@ -410,6 +410,11 @@ fn malformed_requests_are_refused_clearly_and_the_agent_keeps_serving() {
         "one path component",
     );
     refused(
+        create(a, ".emptydir", "img", "s0", spec(&["true"], ok.clone())).map(drop),
+        Code::INVALID_ARGUMENT,
+        "must not start with '.'",
+    );
+    refused(
         create(a, "c", "nosuchdisk", "s0", spec(&["true"], ok.clone())).map(drop),
         Code::FAILED_PRECONDITION,
         "no block device with serial \"nosuchdisk\"",
