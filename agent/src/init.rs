@@ -22,19 +22,15 @@ fn mount_fs(
         .map_err(AgentError::sys(format!("mount {fstype} on {target}")))
 }
 
-/// Set in the environment once the agent runs from its tmpfs root.
-const SWITCHED: &str = "KUBEVIRT_AGENT_ROOT";
-
-/// Moves the agent out of the initramfs onto a tmpfs root and re-executes it there.
+/// Moves the agent out of the initramfs onto a tmpfs root.
 ///
 /// The initramfs is the kernel's `rootfs`, which pivot_root(2) refuses to leave; container
-/// runtimes need pivot_root for each container's root. Deleting /init first returns its
-/// memory to the guest.
+/// runtimes need pivot_root for each container's root. The agent goes on running from its
+/// initramfs file, out of sight under the new root: a copy on the tmpfs would be a third
+/// copy of its bytes in guest memory (after the initrd image and the unpacked file), and
+/// every page of guest memory touched once stays on the host for the pod's life.
+/// `/proc/self/exe` still reaches the file, which is how `podinit` starts `pause`.
 pub fn leave_initramfs() -> Result<()> {
-    use std::ffi::CString;
-    if std::env::var_os(SWITCHED).is_some() {
-        return Ok(());
-    }
     mount_fs(
         "root",
         "/newroot",
@@ -42,25 +38,15 @@ pub fn leave_initramfs() -> Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=0755"),
     )?;
-    fs::copy("/init", "/newroot/init").map_err(AgentError::io("copy /init to the tmpfs root"))?;
     for d in ["dev", "proc", "sys", "run", "tmp", "etc"] {
         fs::create_dir_all(format!("/newroot/{d}"))
             .map_err(AgentError::io(format!("create /newroot/{d}")))?;
     }
-    fs::remove_file("/init").map_err(AgentError::io("remove the initramfs /init"))?;
     nix::unistd::chdir("/newroot").map_err(AgentError::sys("chdir /newroot"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(AgentError::sys("move the tmpfs root onto /"))?;
     nix::unistd::chroot(".").map_err(AgentError::sys("chroot into the tmpfs root"))?;
-    nix::unistd::chdir("/").map_err(AgentError::sys("chdir /"))?;
-    let init = CString::new("/init").unwrap_or_default();
-    let env: Vec<CString> = std::env::vars()
-        .map(|(k, v)| format!("{k}={v}"))
-        .chain([format!("{SWITCHED}=tmpfs")])
-        .filter_map(|s| CString::new(s).ok())
-        .collect();
-    let err = nix::unistd::execve(&init, std::slice::from_ref(&init), &env).unwrap_err();
-    Err(AgentError::sys("re-execute /init from the tmpfs root")(err))
+    nix::unistd::chdir("/").map_err(AgentError::sys("chdir /"))
 }
 
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /run, /tmp and the cgroup v2 hierarchy, and
