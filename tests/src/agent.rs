@@ -190,16 +190,39 @@ impl GuestVm {
 impl GuestVm {
     /// Kills the VMM process alone, not its process group, and says whether its children
     /// (QEMU) ended too within `within`.
-    pub fn kill_vmm_only(&mut self, within: Duration) -> Result<(), String> {
+    /// The pids of the VMM's child processes (QEMU on the qemu back end).
+    fn children(&self) -> Vec<String> {
         let pid = self.child.id();
         // Each thread lists the children it forked.
-        let children: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+        fs::read_dir(format!("/proc/{pid}/task"))
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
             .flat_map(|c| c.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-            .collect();
+            .collect()
+    }
+
+    /// Bytes of host memory the guest's RAM holds now: what is allocated in the memfd QEMU
+    /// backs it with (`None` where there is no such memfd, as on the builtin VMM).
+    pub fn guest_memory_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.children().iter().find_map(|c| {
+            fs::read_dir(format!("/proc/{c}/fd"))
+                .ok()?
+                .flatten()
+                .find(|fd| {
+                    fs::read_link(fd.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:mem"))
+                })
+                .and_then(|fd| fs::metadata(fd.path()).ok())
+                .map(|m| m.blocks() * 512)
+        })
+    }
+
+    pub fn kill_vmm_only(&mut self, within: Duration) -> Result<(), String> {
+        let pid = self.child.id();
+        let children = self.children();
         if children.is_empty() {
             return Err(format!("VMM {pid} has no child process"));
         }
@@ -366,6 +389,22 @@ pub fn proc_req(id: &str, exec_id: &str) -> ProcessRequest {
         exec_id: exec_id.into(),
         ..Default::default()
     }
+}
+
+/// Reads the container's stdout until it holds `needle`; all of it so far.
+pub fn read_stdout_until(agent: &AgentClient, id: &str, needle: &str) -> String {
+    let mut out = String::new();
+    while !out.contains(needle) {
+        let req = ReadStreamRequest {
+            container_id: id.into(),
+            max_len: 4096,
+            ..Default::default()
+        };
+        let chunk = agent.read_stdout(ctx(), &req).expect("read stdout").data;
+        assert!(!chunk.is_empty(), "stdout ended before {needle:?}: {out:?}");
+        out.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    out
 }
 
 /// Starts a created container and returns (stdout, stderr, exit status) once it ends.

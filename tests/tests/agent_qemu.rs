@@ -287,6 +287,63 @@ fn oom_kill_past_the_memory_limit_arrives_as_an_event() {
     vm.shutdown();
 }
 
+#[test]
+fn memory_the_guest_frees_goes_back_to_the_host() {
+    let dir = Scratch::new("reporting");
+    let vm = boot(&dir, standard_disks(&dir, 1), vec![]);
+    let a = &vm.agent;
+    let held = || {
+        vm.guest_memory_bytes()
+            .expect("the memfd of the VM's memory")
+    };
+    let mib = |b: u64| b >> 20;
+    // 100 MiB written into a tmpfs of the container's own, held until the container goes.
+    let fill = serde_json::json!({"mounts": [{"destination": "/fill", "type": "tmpfs", "source": "tmpfs"}]});
+    let script = "dd if=/dev/zero of=/fill/x bs=1M count=100 2>&1; echo filled; exec sleep 1000";
+    create(a, "fill", "img", "s0", spec(&["sh", "-c", script], fill)).unwrap();
+    let before = held();
+    a.start_container(ctx(), &container("fill")).unwrap();
+    let out = read_stdout_until(a, "fill", "filled");
+    assert!(out.contains("100+0 records out"), "{out}");
+    let peak = held();
+    assert!(
+        peak >= before + (80 << 20),
+        "the guest's 100 MiB reached the host: {} -> {} MiB",
+        mib(before),
+        mib(peak)
+    );
+    // The container and its tmpfs go; the guest reports the freed pages and QEMU gives them
+    // back (the guest waits ~2 s before it reports).
+    let kill = SignalRequest {
+        container_id: "fill".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    a.signal_process(ctx(), &kill).unwrap();
+    a.wait_process(ctx(), &proc_req("fill", "")).unwrap();
+    a.remove_container(ctx(), &container("fill")).unwrap();
+    let t0 = Instant::now();
+    let mut now = held();
+    while now > peak - (64 << 20) && t0.elapsed() < Duration::from_secs(30) {
+        thread::sleep(Duration::from_millis(200));
+        now = held();
+    }
+    println!(
+        "  guest memory on the host: {} MiB at start, {} MiB filled, {} MiB {:.1} s after the free",
+        mib(before),
+        mib(peak),
+        mib(now),
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        now <= peak - (64 << 20),
+        "freed guest memory stayed on the host: {} MiB filled, {} MiB 30 s after",
+        mib(peak),
+        mib(now)
+    );
+    vm.shutdown();
+}
+
 fn mount_data_volume(a: &protocol::agent_ttrpc::AgentClient) {
     let req = MountVolumeRequest {
         name: "data".into(),
@@ -620,19 +677,9 @@ fn sandbox_network_files_time_and_a_terminal() {
         ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; ip link show eth0 | grep -o 'mtu [0-9]*'; ip route | grep default; date +%Y; sleep 1000";
     create(a, "app", "img", "s0", spec(&["sh", "-c", script], mounts)).unwrap();
     a.start_container(ctx(), &container("app")).unwrap();
-    let mut out = String::new();
     let year = Command::new("date").arg("+%Y").output().unwrap();
     let year = String::from_utf8_lossy(&year.stdout).trim().to_owned();
-    while !out.contains(&format!("\n{year}\n")) {
-        let req = ReadStreamRequest {
-            container_id: "app".into(),
-            max_len: 4096,
-            ..Default::default()
-        };
-        let chunk = a.read_stdout(ctx(), &req).unwrap().data;
-        assert!(!chunk.is_empty(), "stdout ended early: {out:?}");
-        out.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let out = read_stdout_until(a, "app", &format!("\n{year}\n"));
     let want = format!(
         "pod-a\nkey=value1\n640\nnameserver 10.96.0.10\nsearch default.svc.cluster.local\noptions ndots:5\n\
          inet 10.202.0.2/24\nmtu 1400\ndefault via 10.202.0.1 dev eth0 \n{year}\n"
