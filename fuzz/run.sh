@@ -18,12 +18,13 @@ declare -A RUNS=(
     [virtio_net_rx]=150000
     [vsock_packet]=120000
     [virtio_rng]=150000
+    [virtio_balloon]=150000
     [agent_messages]=60000
 )
 # ttrpc's client threads outlive each input (and the clients kept a while outlive the run):
 # LeakSanitizer would take what they hold for leaks.
 declare -A NO_LEAK_CHECK=([agent_messages]=1)
-targets=${FUZZ_TARGETS:-virtio_blk virtio_net_tx virtio_net_rx vsock_packet virtio_rng agent_messages}
+targets=${FUZZ_TARGETS:-virtio_blk virtio_net_tx virtio_net_rx vsock_packet virtio_rng virtio_balloon agent_messages}
 scale=${FUZZ_RUNS:-1}
 # A fixed seed keeps the CI gate repeatable; FUZZ_SEED=0 lets libFuzzer pick one (to explore).
 seed=${FUZZ_SEED:-1}

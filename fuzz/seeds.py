@@ -183,6 +183,16 @@ def rng():
          chain(0, 2, [(BUF + 0x2000, 100000, WRITE)]), kick(0))
 
 
+# --- virtio-balloon ----------------------------------------------------------------------
+def balloon():
+    t = "virtio_balloon"
+    # Queue 2 reports free ranges (device-writable, as Linux adds them); 0 inflates by PFN.
+    save(t, "report_two_ranges", 0, write(BUF, b"\xa5" * 64),
+         chain(2, 0, [(BUF, 0x4000, WRITE), (BUF + 0x8000, 0x2000, WRITE)]), kick(2))
+    save(t, "inflate_pfns", 0x80, write(BUF, struct.pack("<II", 0x40, 0x41)),
+         chain(0, 0, [(BUF, 8, 0)]), kick(0), chain(1, 0, [(BUF, 4, 0)]), kick(1))
+
+
 # --- agent replies (fuzz_targets/agent_messages.rs) ----------------------------------------
 def varint(n):
     out = b""
@@ -232,4 +242,5 @@ if __name__ == "__main__":
     net()
     vsock()
     rng()
+    balloon()
     agent()

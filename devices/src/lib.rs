@@ -4,6 +4,7 @@
 //! [`virtio::Interrupt`] trait, and never learns its transport: the builtin VMM serves it over
 //! virtio-mmio, and the `qemu` back end over vhost-user.
 
+pub mod balloon;
 pub mod block;
 pub mod net;
 pub mod rate_limit;

@@ -174,6 +174,8 @@ impl Pod {
             .to_owned();
         vm.memory_mib = p.memory_mib;
         vm.vcpus = p.vcpus;
+        // Memory the guest frees goes back to the node (a virtio-balloon that never inflates).
+        vm.free_page_reporting = true;
         let console = console::start(&p.dir.join(CONSOLE_LOG), cfg.console_log_kib << 10)?;
         vm.serial_output = SerialOutput::Writer(Box::new(console));
         // Image slots (sparse placeholders fix their capacity) and the shared scratch disk.

@@ -290,7 +290,8 @@ fn oom_kill_past_the_memory_limit_arrives_as_an_event() {
 #[test]
 fn memory_the_guest_frees_goes_back_to_the_host() {
     let dir = Scratch::new("reporting");
-    let vm = boot(&dir, standard_disks(&dir, 1), vec![]);
+    let reporting = vec!["--free-page-reporting".to_owned()];
+    let vm = boot(&dir, standard_disks(&dir, 1), reporting);
     let a = &vm.agent;
     let held = || {
         vm.guest_memory_bytes()

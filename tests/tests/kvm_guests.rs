@@ -99,6 +99,16 @@ fn virtio_mmio_rng_negotiates_serves_and_interrupts() {
 }
 
 #[test]
+fn virtio_mmio_balloon_takes_back_a_reported_page() {
+    require_kvm();
+    let (mut cfg, console) = tiny_config("virtio_balloon");
+    cfg.free_page_reporting = true;
+    let exit = run_with_timeout(cfg, T);
+    assert_eq!(exit, VmExit::Reset, "console: {:?}", console.text());
+    assert_eq!(console.text(), "FIUZ");
+}
+
+#[test]
 fn pause_resume_stop() {
     require_kvm();
     let (cfg, console) = tiny_config("spin");

@@ -92,7 +92,12 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
     let serial_output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
     let pio = attach_legacy_devices(&vm, serial_output, &config, &reset, &mut event_manager)?;
     let mut mmio = MmioDevices::default();
-    let devices = create_devices(&mut config)?;
+    let mut devices = create_devices(&mut config)?;
+    if config.free_page_reporting {
+        // Builtin only: QEMU has no vhost-user front for it and brings its own.
+        let balloon = devices::balloon::Balloon::new();
+        devices.push(("balloon".into(), Arc::new(Mutex::new(balloon))));
+    }
     let counters = DeviceCounters::from(devices.as_slice());
     for (_, device) in devices {
         mmio.attach(&vm, &mem, &mut event_manager, device)?;

@@ -187,6 +187,9 @@ pub struct VmConfig {
     pub serial_input: Option<SerialInputSource>,
     /// Attach a virtio-rng device.
     pub rng: bool,
+    /// Attach a virtio-balloon that only takes back the memory the guest reports free (ours
+    /// on the builtin machine, QEMU's on the qemu machine).
+    pub free_page_reporting: bool,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<BlockConfig>,
     /// virtio-net interfaces on taps.
@@ -212,6 +215,7 @@ impl VmConfig {
             serial_output: SerialOutput::Stdout,
             serial_input: None,
             rng: false,
+            free_page_reporting: false,
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,

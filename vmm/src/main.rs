@@ -15,6 +15,7 @@ const USAGE: &str = "\
 usage: kubevirt-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB]
                         [--vcpus N] [--hugepages] [--cpu-hide FEATURES]
                         [--serial-out FILE] [--serial-in stdin|unix:PATH] [--rng]
+                        [--free-page-reporting]
                         [--disk PATH[,ro][,id=NAME]]... [--net tap=NAME[,mac=MAC][,netns=PATH]]...
                         [--vsock cid=N,uds=PATH] [--machine builtin|qemu|auto]
        kubevirt-vmm doctor [--verdict]
@@ -22,6 +23,8 @@ usage: kubevirt-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory 
 run     boots the kernel (ELF vmlinux or bzImage) with the console on stdout (or FILE);
         exits 0 when the guest resets or powers off, non-zero with the reason otherwise.
         --cpu-hide takes a comma list of: xsave, cx16, avx, pmu.
+        --free-page-reporting adds a virtio-balloon that only gives the memory the guest
+        frees back to the host.
         --machine qemu runs the same kernel and devices on QEMU microvm, our devices served
         over vhost-user (KVM where native, TCG otherwise); auto picks as doctor does.
 doctor  checks /dev/kvm, runs a calibration guest and says whether guest code runs
@@ -48,6 +51,7 @@ fn parse_run(mut p: lexopt::Parser) -> Result<(VmConfig, Machine)> {
             Long("vcpus") => cfg.vcpus = p.value()?.parse().context("--vcpus takes 1 to 254")?,
             Long("hugepages") => cfg.hugepages = true,
             Long("rng") => cfg.rng = true,
+            Long("free-page-reporting") => cfg.free_page_reporting = true,
             Long("disk") => cfg.disks.push(config::parse_disk(&p.value()?.string()?)?),
             Long("net") => cfg.nets.push(config::parse_net(&p.value()?.string()?)?),
             Long("vsock") => cfg.vsock = Some(config::parse_vsock(&p.value()?.string()?)?),

@@ -208,11 +208,12 @@ impl QemuVm {
             args.push(front);
         }
         // Free page reporting: the guest reports memory it freed (in 2 MiB blocks, a couple of
-        // seconds after) and QEMU punches it out of the memfd, so a pod's host footprint
-        // follows what its guest uses now, not the most it ever touched. Our device servers
-        // map the same memfd and fault zero pages there if the guest reuses the memory.
-        args.push("-device".into());
-        args.push("virtio-balloon-device,free-page-reporting=on".into());
+        // seconds after) and QEMU punches it out of the memfd. Our device servers map the
+        // same memfd and fault zero pages there if the guest reuses the memory.
+        if config.free_page_reporting {
+            args.push("-device".into());
+            args.push("virtio-balloon-device,free-page-reporting=on".into());
+        }
         let output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
         let mut output_file = SerialOutput::Sink;
         let (serial, writer) = match output {
