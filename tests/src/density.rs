@@ -208,7 +208,8 @@ pub fn density_section(r: &mut String, pods: usize, image: &str, progress: &dyn 
         r,
         "\nThe shim is our code (its device back ends serve QEMU over vhost-user); the VM \
          process is QEMU with TCG here, whose RSS includes the guest memory the guest touched \
-         and TCG's translation cache. On a native-KVM host the builtin VMM runs inside the shim \
+         and has not reported free (free page reporting gives that back) and TCG's \
+         translation cache. On a native-KVM host the builtin VMM runs inside the shim \
          (see the VMM section for its own overhead).\n"
     );
 
