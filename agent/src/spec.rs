@@ -15,7 +15,7 @@ const BIND_SOURCES: [&str; 3] = ["volumes", "files", "sandbox"];
 
 /// Where the shim's specs name the pod's disk-backed emptyDirs (`<this>/<name>`), under
 /// [`RUN_DIR`]; [`prepare`] puts them where the agent keeps them.
-const EMPTYDIR: &str = "sandbox/emptydir";
+pub const EMPTYDIR: &str = "sandbox/emptydir";
 
 /// File systems a container may mount fresh (no source on the guest).
 const KERNEL_FS: [&str; 7] = [

@@ -229,7 +229,7 @@ impl Rootfs {
     pub fn emptydir(&self) -> PathBuf {
         match &self.upper {
             Upper::Disk { dir, .. } => dir.with_file_name(".emptydir"),
-            Upper::Tmpfs(_) => Path::new(RUN_DIR).join("sandbox/emptydir"),
+            Upper::Tmpfs(_) => Path::new(RUN_DIR).join(crate::spec::EMPTYDIR),
         }
     }
 
