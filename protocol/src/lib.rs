@@ -8,11 +8,16 @@
 /// Guest vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// Guest vsock port the agent relays port-forwarded connections on (see `WatchPorts`).
+pub const FORWARD_PORT: u32 = 1026;
+
 // `agent` (the messages) and `agent_ttrpc` (the client and server of the `Agent` service).
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 
 mod connect;
+mod relay;
 pub use connect::{connect_agent, connect_agent_while, connect_stream, ConnectError};
+pub use relay::relay;
 
 pub use protobuf;
 pub use ttrpc;
