@@ -5,10 +5,12 @@ mod blockdev;
 mod cgroup;
 mod container;
 mod error;
+mod forward;
 mod init;
 mod logger;
 mod network;
 mod podinit;
+mod ports;
 mod reaper;
 mod resources;
 mod sandbox;
@@ -51,8 +53,11 @@ fn serve() -> Result<(), String> {
     let service = service::AgentService {
         containers,
         oom,
+        ports: Arc::default(),
         ready_after_boot_ns: init::since_boot_ns(),
     };
+    // Before the ttrpc service: once the shim hears of a port, it may forward to it.
+    forward::spawn().map_err(|e| e.to_string())?;
     let addr = format!("vsock://-1:{}", protocol::AGENT_PORT);
     let mut server = Server::new()
         .bind(&addr)

@@ -8,6 +8,7 @@ use protocol::ttrpc::{self, TtrpcContext};
 
 use crate::cgroup::OomWatcher;
 use crate::container::{Containers, CreateOptions};
+use crate::ports::Ports;
 use crate::{init, network, sandbox, storage};
 
 type Reply<T> = ttrpc::Result<T>;
@@ -17,6 +18,7 @@ type Reply<T> = ttrpc::Result<T>;
 pub struct AgentService {
     pub containers: Arc<Containers>,
     pub oom: Arc<OomWatcher>,
+    pub ports: Arc<Ports>,
     pub ready_after_boot_ns: u64,
 }
 
@@ -76,6 +78,7 @@ impl Agent for AgentService {
 
     fn start_container(&self, _: &TtrpcContext, r: ContainerRequest) -> Reply<StartResponse> {
         let pid = self.containers.start(&r.container_id)?;
+        self.ports.kick();
         Ok(StartResponse {
             pid,
             ..Default::default()
@@ -91,6 +94,7 @@ impl Agent for AgentService {
         let pid = self
             .containers
             .exec(&r.container_id, &r.exec_id, &r.process, r.stdin)?;
+        self.ports.kick();
         Ok(StartResponse {
             pid,
             ..Default::default()
@@ -100,6 +104,7 @@ impl Agent for AgentService {
     fn signal_process(&self, _: &TtrpcContext, r: SignalRequest) -> Reply<Empty> {
         self.containers
             .signal(&r.container_id, &r.exec_id, r.signal, r.all)?;
+        self.ports.kick();
         Ok(Empty::new())
     }
 
@@ -203,6 +208,15 @@ impl Agent for AgentService {
     fn get_oom_event(&self, _: &TtrpcContext, _: Empty) -> Reply<OomEvent> {
         Ok(OomEvent {
             container_id: self.oom.next(),
+            ..Default::default()
+        })
+    }
+
+    fn watch_ports(&self, _: &TtrpcContext, r: WatchPortsRequest) -> Reply<PortsResponse> {
+        let (generation, ports) = self.ports.wait_change(r.generation)?;
+        Ok(PortsResponse {
+            generation,
+            ports: ports.into_iter().map(u32::from).collect(),
             ..Default::default()
         })
     }
