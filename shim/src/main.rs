@@ -16,6 +16,7 @@ mod network;
 mod phases;
 mod pidns;
 mod pod;
+mod portfwd;
 mod rates;
 mod rootfs;
 mod rpc;

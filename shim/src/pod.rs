@@ -23,6 +23,7 @@ use crate::error::{Result, ShimError};
 use crate::machine::{self, Machine};
 use crate::network::{self, PodNetwork};
 use crate::phases::Phases;
+use crate::portfwd::PortForward;
 use crate::rates::PodRates;
 
 /// Host vsock port the agent streams its log to.
@@ -80,6 +81,8 @@ pub struct Pod {
     tmpfs: Mutex<BTreeSet<String>>,
     /// See [`PodSpec::host_pid`].
     pub host_pid: bool,
+    /// `kubectl port-forward` into the guest, for a pod with a network.
+    ports: Mutex<Option<PortForward>>,
 }
 
 /// A slot neither an image nor a volume uses; `none` says what found none.
@@ -289,6 +292,7 @@ impl Pod {
             cpus: Mutex::default(),
             tmpfs: Mutex::default(),
             host_pid: p.host_pid,
+            ports: Mutex::default(),
         };
         pod.watch_vm();
         let now = SystemTime::now()
@@ -318,6 +322,13 @@ impl Pod {
                 return Err(e);
             }
             phases.mark("guest network");
+            match PortForward::start(pod.agent.clone(), &uds, &n.netns, &pod.owner) {
+                Ok(f) => *pod.ports.lock().unwrap_or_else(|e| e.into_inner()) = Some(f),
+                Err(e) => {
+                    pod.shutdown();
+                    return Err(e);
+                }
+            }
             log::info!(
                 "pod {}: network {:?} via {} and {}",
                 pod.owner,
@@ -474,6 +485,8 @@ impl Pod {
     }
 
     pub fn shutdown(&self) {
+        // Listeners and forwarded connections in the pod's namespace go first.
+        drop(self.ports.lock().unwrap_or_else(|e| e.into_inner()).take());
         let machine = self
             .machine
             .lock()
