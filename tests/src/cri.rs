@@ -177,6 +177,18 @@ impl Cri {
             .block_on(async { c.attach(req).await.map(|r| r.into_inner().url) })
     }
 
+    /// The streaming URL of a port forward to `port` of `pod` (kubectl port-forward); see
+    /// `stream`.
+    pub fn port_forward(&mut self, pod: &str, port: u16) -> Result<String> {
+        let req = PortForwardRequest {
+            pod_sandbox_id: pod.into(),
+            port: vec![port.into()],
+        };
+        let c = &mut self.client;
+        self.rt
+            .block_on(async { c.port_forward(req).await.map(|r| r.into_inner().url) })
+    }
+
     pub fn update_resources(&mut self, id: &str, r: LinuxContainerResources) -> Result<()> {
         let req = UpdateContainerResourcesRequest {
             container_id: id.into(),

@@ -1,6 +1,7 @@
 //! The streaming protocol of `kubectl exec` / `attach` as containerd's CRI streaming server
 //! speaks it: a WebSocket with subprotocol `v4.channel.k8s.io`, each binary message led by
-//! its channel byte (0 stdin, 1 stdout, 2 stderr, 3 the final status, 4 terminal size).
+//! its channel byte (0 stdin, 1 stdout, 2 stderr, 3 the final status, 4 terminal size); and
+//! that of `kubectl port-forward` (see [`PortForward`]).
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -30,29 +31,34 @@ pub struct Stream {
     pub out: Output,
 }
 
+/// A WebSocket to `url` with subprotocol `v4.channel.k8s.io`; reads time out after 200 ms.
+fn open(url: &str) -> Result<WebSocket<TcpStream>, String> {
+    let ws_url = url.replacen("http://", "ws://", 1);
+    let mut req = ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "v4.channel.k8s.io".parse().map_err(|_| "header")?,
+    );
+    let host = req
+        .uri()
+        .authority()
+        .ok_or("no host in the URL")?
+        .to_string();
+    let tcp = TcpStream::connect(host).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    let (ws, _) = tungstenite::client(req, tcp).map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
 impl Stream {
     /// Opens the stream at `url` (what Exec or Attach returned).
     pub fn connect(url: &str) -> Result<Stream, String> {
-        let ws_url = url.replacen("http://", "ws://", 1);
-        let mut req = ws_url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| e.to_string())?;
-        req.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            "v4.channel.k8s.io".parse().map_err(|_| "header")?,
-        );
-        let host = req
-            .uri()
-            .authority()
-            .ok_or("no host in the URL")?
-            .to_string();
-        let tcp = TcpStream::connect(host).map_err(|e| e.to_string())?;
-        tcp.set_read_timeout(Some(Duration::from_millis(200)))
-            .map_err(|e| e.to_string())?;
-        let (ws, _) = tungstenite::client(req, tcp).map_err(|e| e.to_string())?;
         Ok(Stream {
-            ws,
+            ws: open(url)?,
             out: Output::default(),
         })
     }
@@ -96,5 +102,70 @@ impl Stream {
             }
         }
         &self.out
+    }
+}
+
+/// `kubectl port-forward` as containerd's streaming server speaks it over a WebSocket: the
+/// ports of the PortForward request (one here; kubelet's proxy also passes `?port=N`), channel 0 the data both ways, channel 1 the server's
+/// error text; the server opens each channel with the port, two bytes little-endian.
+#[derive(Debug)]
+pub struct PortForward {
+    ws: WebSocket<TcpStream>,
+    /// The port's bytes so far.
+    pub data: Vec<u8>,
+    /// What the server said went wrong.
+    pub error: String,
+    pub closed: bool,
+    /// Whether each channel's port prefix has come.
+    opened: [bool; 2],
+}
+
+impl PortForward {
+    /// Forwards to `port` of the pod through `url` (what PortForward returned).
+    pub fn connect(url: &str, port: u16) -> Result<PortForward, String> {
+        Ok(PortForward {
+            ws: open(&format!("{url}?port={port}"))?,
+            data: Vec::new(),
+            error: String::new(),
+            closed: false,
+            opened: [false; 2],
+        })
+    }
+
+    pub fn send(&mut self, data: &[u8]) {
+        let mut m = vec![0];
+        m.extend_from_slice(data);
+        self.ws
+            .send(Message::binary(m))
+            .expect("send on the port-forward stream");
+    }
+
+    /// Reads until `done` holds, or the stream closes, or `timeout`.
+    pub fn read_until(&mut self, timeout: Duration, done: impl Fn(&PortForward) -> bool) {
+        let t0 = Instant::now();
+        while !done(self) && !self.closed && t0.elapsed() < timeout {
+            match self.ws.read() {
+                Ok(Message::Binary(b)) if !b.is_empty() && b[0] < 2 => {
+                    let ch = b[0] as usize;
+                    let mut body = &b[1..];
+                    if !self.opened[ch] {
+                        self.opened[ch] = true;
+                        body = body.get(2..).unwrap_or_default();
+                    }
+                    match ch {
+                        0 => self.data.extend_from_slice(body),
+                        _ => self.error += &String::from_utf8_lossy(body),
+                    }
+                }
+                Ok(Message::Close(_)) => self.closed = true,
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => self.closed = true,
+            }
+        }
     }
 }

@@ -535,6 +535,149 @@ fn kubectl_exec_and_attach_stream_with_a_terminal_and_resize() {
     cri.remove_pod(&pod).unwrap();
 }
 
+/// What ends a port-forward exchange: so many bytes back, or these last bytes.
+#[derive(Clone, Copy)]
+enum Until {
+    Len(usize),
+    EndsWith(&'static [u8]),
+}
+
+/// One `kubectl port-forward` connection to `port` of `pod`: sends `request`, then reads
+/// until `until` holds, the server reports an error or the stream closes; returns what came
+/// back and the streaming server's error text.
+fn forward_once(
+    cri: &mut cri::Cri,
+    ns: &tests::netns::NetNs,
+    pod: &str,
+    port: u16,
+    request: Vec<u8>,
+    until: Until,
+) -> (Vec<u8>, String) {
+    let url = cri.port_forward(pod, port).expect("PortForward");
+    ns.run(move || {
+        let mut f = tests::stream::PortForward::connect(&url, port).expect("port-forward stream");
+        // At most 256 KiB in flight: the echo's buffers along the way are finite.
+        for chunk in request.chunks(64 << 10) {
+            f.send(chunk);
+            let sent = f.data.len() + chunk.len();
+            f.read_until(Duration::from_secs(30), |f| {
+                !f.error.is_empty() || f.data.len() + (256 << 10) >= sent
+            });
+        }
+        f.read_until(Duration::from_secs(30), |f| {
+            !f.error.is_empty()
+                || match until {
+                    Until::Len(n) => f.data.len() >= n,
+                    Until::EndsWith(end) => f.data.ends_with(end),
+                }
+        });
+        (std::mem::take(&mut f.data), std::mem::take(&mut f.error))
+    })
+}
+
+#[test]
+fn kubectl_port_forward_reaches_the_guests_localhost() {
+    let (ns, c, mut cri) = cri_env("kvfwd");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let pod_cfg = pod_config("fwd", &logs);
+    let pod = cri.run_pod(pod_cfg.clone()).unwrap();
+    let ip = cri.pod_status(&pod).unwrap().network.unwrap().ip;
+    // A web server on every address (IPv6 and IPv4), one on 127.0.0.1 only, one on ::1 only,
+    // one on the pod IP only (localhost does not reach it, on runc either), and an echo
+    // server.
+    let servers = format!(
+        "mkdir -p /www && echo forwarded-page > /www/index.html && \
+        httpd -p 8080 -h /www && \
+        {{ httpd -f -p 127.0.0.1:8081 -h /www & echo $! > /tmp/8081.pid; }} && \
+        httpd -p '[::1]:8083' -h /www && httpd -p {ip}:8082 -h /www && \
+        exec nc -ll -p 9000 -e cat"
+    );
+    let web = cri
+        .create_container(
+            &pod,
+            container_config("web", IMAGE, &["sh", "-c", &servers], vec![]),
+            &pod_cfg,
+        )
+        .unwrap();
+    cri.start_container(&web).unwrap();
+    let get = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+    let page_end = Until::EndsWith(b"forwarded-page\n");
+
+    // The servers start after the pod: the forward appears once the guest listens.
+    let t0 = Instant::now();
+    let (page, err) = until("port 8080 forwarded", &c, || {
+        let (page, err) = forward_once(&mut cri, &ns, &pod, 8080, get.clone(), page_end);
+        (!page.is_empty()).then_some((page, err))
+    });
+    println!(
+        "  port 8080 answered {:.1} s after the container started",
+        t0.elapsed().as_secs_f64()
+    );
+    let page = String::from_utf8_lossy(&page);
+    assert!(
+        page.starts_with("HTTP/1.") && page.ends_with("\r\n\r\nforwarded-page\n"),
+        "{page:?} {err:?}"
+    );
+    // containerd dials 127.0.0.1 first, then ::1; the agent does the same in the guest.
+    for (port, only) in [(8081, "127.0.0.1"), (8083, "::1")] {
+        let (page, err) = forward_once(&mut cri, &ns, &pod, port, get.clone(), page_end);
+        assert!(
+            String::from_utf8_lossy(&page).ends_with("forwarded-page\n"),
+            "{only} only: {page:?} {err:?}"
+        );
+    }
+
+    // 2 MiB through the echo server and back, both directions at once.
+    let data: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let t1 = Instant::now();
+    let (echo, err) = forward_once(
+        &mut cri,
+        &ns,
+        &pod,
+        9000,
+        data.clone(),
+        Until::Len(data.len()),
+    );
+    println!(
+        "  2 MiB echoed through the forward in {:.1} s",
+        t1.elapsed().as_secs_f64()
+    );
+    assert!(err.is_empty(), "{err}");
+    assert!(
+        echo == data,
+        "echo: {} of {} bytes, or different",
+        echo.len(),
+        data.len()
+    );
+
+    // Refused as on runc: a port nobody listens on, and one on the pod IP only.
+    for port in [8099, 8082] {
+        let (got, err) = forward_once(&mut cri, &ns, &pod, port, get.clone(), page_end);
+        assert!(got.is_empty(), "port {port}: {got:?}");
+        assert!(
+            err.contains(&format!("localhost:{port}")) && err.contains("refused"),
+            "port {port}: {err:?}"
+        );
+    }
+
+    // A server that goes away takes its forward with it.
+    let r = cri
+        .exec_sync(&web, &["sh", "-c", "kill $(cat /tmp/8081.pid)"])
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    let err = until("port 8081 refused", &c, || {
+        let (_, err) = forward_once(&mut cri, &ns, &pod, 8081, get.clone(), page_end);
+        err.contains("refused").then_some(err)
+    });
+    assert!(err.contains("localhost:8081"), "{err}");
+
+    cri.stop_pod(&pod).unwrap();
+    cri.remove_pod(&pod).unwrap();
+}
+
 #[test]
 fn bad_input_fails_the_cri_call_with_a_message_that_names_it() {
     let small = tests::cgroups::KubeletPod::create("kubevirt-test-kvbad", 100 << 20, -1, 100_000);
