@@ -1,6 +1,7 @@
 //! The data phase of a port-forwarded connection (see `WatchPorts` in proto/agent.proto), the
 //! same at both ends: bytes copied both ways until each direction ends, and each end passed on
-//! as a half close, so a client that stops sending still gets its answer.
+//! as a half close (the hybrid vsock device carries it both ways), so a client that stops
+//! sending still gets its answer.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -144,6 +144,10 @@ fn listen_on(pod: &str, port: u16) -> Vec<TcpListener> {
     for addr in addrs {
         match TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
             Ok(l) => listeners.push(l),
+            // No ::1 where the namespace has IPv6 turned off: containerd dials 127.0.0.1 first.
+            Err(e) if addr.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                log::debug!("pod {pod}: no {addr} to forward from: {e}")
+            }
             Err(e) => log::warn!("pod {pod}: cannot forward {addr} into the VM: {e}"),
         }
     }

@@ -345,6 +345,66 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
     vm.shutdown();
 }
 
+/// One connection through the agent's forward port to guest `port`: its answer line, then
+/// (after OK) what the guest sent back for `request`, the host's side half-closed after it.
+fn forward(vm: &GuestVm, port: &str, request: &[u8]) -> (String, Vec<u8>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = protocol::connect_stream(&vm.uds, protocol::FORWARD_PORT).expect("vsock connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(format!("{port}\n").as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    BufReader::with_capacity(1, &s)
+        .read_until(b'\n', &mut answer)
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let mut back = Vec::new();
+    if answer == "OK\n" {
+        s.write_all(request).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.read_to_end(&mut back).unwrap();
+    }
+    (answer, back)
+}
+
+/// WatchPorts reports the guest's listeners; the forward port reaches them, passes a half
+/// close on, and refuses what it cannot serve.
+fn port_forward_reaches_the_guests_localhost(vm: &GuestVm) {
+    let a = &vm.agent;
+    let mut generation = 0;
+    let ports = loop {
+        let req = WatchPortsRequest {
+            generation,
+            ..Default::default()
+        };
+        let r = a.watch_ports(ctx(), &req).expect("WatchPorts");
+        if r.ports.contains(&8080) && r.ports.contains(&9001) {
+            break r.ports;
+        }
+        generation = r.generation;
+    };
+    println!("  guest ports on localhost: {ports:?}");
+    let (answer, page) = forward(vm, "8080", b"GET /index.html HTTP/1.0\r\n\r\n");
+    assert_eq!(answer, "OK\n");
+    let page = String::from_utf8_lossy(&page);
+    assert!(page.ends_with("\r\n\r\nserved-by-c1\n"), "{page:?}");
+    // The count comes only after the guest heard the host's half close.
+    let body = vec![b'x'; 300_000];
+    let (answer, count) = forward(vm, "9001", &body);
+    assert_eq!(answer, "OK\n");
+    assert_eq!(String::from_utf8_lossy(&count).trim(), "300000");
+    for (port, why) in [
+        ("9999", "localhost:9999: IPv4: Connection refused"),
+        ("0", "bad port"),
+        ("http", "bad port"),
+    ] {
+        let (answer, _) = forward(vm, port, b"");
+        assert!(
+            answer.starts_with("ERR ") && answer.contains(why),
+            "port {port}: {answer:?}"
+        );
+    }
+}
+
 fn mount_data_volume(a: &protocol::agent_ttrpc::AgentClient) {
     let req = MountVolumeRequest {
         name: "data".into(),
@@ -374,7 +434,11 @@ fn two_containers_share_the_network_not_the_filesystem_and_a_volume_survives_res
     let a = &vm.agent;
     mount_data_volume(a);
 
-    let server = "mkdir /www && echo served-by-c1 > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www";
+    // A web server on 127.0.0.1, and one that answers only once the client has stopped
+    // sending (it counts the bytes it got): port-forward targets.
+    let server = "mkdir /www && echo served-by-c1 > /www/index.html && \
+        printf '#!/bin/sh\\nwc -c\\n' > /count && chmod +x /count && \
+        { nc -l -p 9001 -e /count & } && exec httpd -f -p 127.0.0.1:8080 -h /www";
     create(
         a,
         "c1",
@@ -395,6 +459,7 @@ fn two_containers_share_the_network_not_the_filesystem_and_a_volume_survives_res
         ("separate-fs\nserved-by-c1\n", 0),
         "stderr: {err}"
     );
+    port_forward_reaches_the_guests_localhost(&vm);
     let kill = SignalRequest {
         container_id: "c1".into(),
         signal: 9,
