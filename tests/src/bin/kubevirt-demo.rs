@@ -101,6 +101,30 @@ fn main() {
         std::thread::sleep(Duration::from_millis(200));
     };
     println!("pod IP {ip}:8080 answers: {page}");
+    // kubectl port-forward: containerd dials localhost:8080 in the pod's namespace.
+    let expect = format!("{page}\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let forwarded = loop {
+        let url = cri.port_forward(&pod, 8080).expect("PortForward");
+        let want = expect.clone();
+        let (data, error) = ns.run(move || {
+            let mut f = tests::stream::PortForward::connect(&url, 8080).expect("port-forward");
+            f.send(b"GET / HTTP/1.0\r\n\r\n");
+            f.read_until(Duration::from_secs(30), |f| {
+                !f.error.is_empty() || f.data.ends_with(want.as_bytes())
+            });
+            (f.data, f.error)
+        });
+        if data.ends_with(expect.as_bytes()) {
+            break expect.trim().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port-forward to 8080 failed: {error}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("kubectl port-forward to port 8080 (CRI PortForward) answers: {forwarded}");
 
     step("cleanup: StopPodSandbox, RemovePodSandbox, containerd stopped");
     cri.stop_pod(&pod).expect("StopPodSandbox");
