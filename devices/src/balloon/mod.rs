@@ -4,12 +4,14 @@
 //! is that a pod's host footprint follows what its guest uses now, not the most it ever
 //! touched.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{
     Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 
-use crate::virtio::{device_type, read_config_bytes, UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::virtio::{
+    device_type, read_config_bytes, serve_each, UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 /// VIRTIO_BALLOON_F_REPORTING (virtio 1.2, 5.5.3).
 pub const F_REPORTING: u64 = 1 << 5;
@@ -95,37 +97,6 @@ fn release(region: &GuestRegionMmap, host: *mut u8, len: usize) -> std::io::Resu
     Ok(())
 }
 
-/// Returns every available chain of `q`, discarding what the chains describe where
-/// `report`; whether any was returned, and the bytes given back.
-fn serve(q: &mut Queue, mem: &GuestMemoryMmap, report: bool) -> (bool, u64) {
-    let (mut used, mut bytes) = (false, 0);
-    loop {
-        let _ = q.disable_notification(mem);
-        let mut popped = 0;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            popped += 1;
-            let head = chain.head_index();
-            if report {
-                // The iterator stops at a malformed descriptor (a loop, out of the table).
-                for d in chain {
-                    bytes += discard(mem, d.addr(), u64::from(d.len()));
-                }
-            }
-            if let Err(e) = q.add_used(mem, head, 0) {
-                log::warn!("balloon: cannot return descriptor {head}: {e}");
-                return (used, bytes);
-            }
-            used = true;
-        }
-        // Re-enabling publishes avail_event (EVENT_IDX); a pass that pops nothing after the
-        // driver added chains means a corrupt avail index: stop.
-        match q.enable_notification(mem) {
-            Ok(true) if popped > 0 => continue,
-            _ => return (used, bytes),
-        }
-    }
-}
-
 impl VirtioDevice for Balloon {
     fn name(&self) -> &'static str {
         "virtio-balloon"
@@ -173,7 +144,16 @@ impl VirtioDevice for Balloon {
         let Some(q) = queues.get_mut(index) else {
             return 0;
         };
-        let (used, bytes) = serve(q, mem, report);
+        let mut bytes = 0;
+        let used = serve_each("balloon", q, mem, |chain| {
+            if report {
+                // The iterator stops at a malformed descriptor (a loop, out of the table).
+                for d in chain {
+                    bytes += discard(mem, d.addr(), u64::from(d.len()));
+                }
+            }
+            0
+        });
         self.reported_bytes += bytes;
         UsedQueues::from(used) << index
     }

@@ -1,9 +1,9 @@
 //! virtio-rng: fills the driver's buffers from the host's `getrandom`.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
-use crate::virtio::{device_type, UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::virtio::{device_type, serve_each, UsedQueues, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Largest request served at once; a bigger buffer simply gets this many bytes.
 pub const MAX_REQUEST: u32 = 64 * 1024;
@@ -45,68 +45,34 @@ impl Rng {
     }
 }
 
-/// Serves every available request; returns whether any buffer was used.
-///
-/// Re-enables driver notifications whenever it finds the ring empty: with EVENT_IDX that
-/// publishes avail_event, without which the driver stops notifying after its first buffer
-/// (and a read of `/dev/hwrng` waits forever). A ring that claims more buffers that cannot
-/// be popped (a corrupt avail index) ends the pass instead of spinning.
-fn serve(mem: &GuestMemoryMmap, queue: &mut Queue, served: &mut u64) -> bool {
-    let mut used = false;
-    loop {
-        let _ = queue.disable_notification(mem);
-        let Some(popped) = serve_available(mem, queue, served, &mut used) else {
-            return used;
-        };
-        match queue.enable_notification(mem) {
-            Ok(true) if popped > 0 => continue,
-            _ => return used,
-        }
-    }
-}
-
-/// Serves the chains now in the ring; how many, or None if the used ring could not be
-/// written.
-fn serve_available(
+/// Fills the writable buffers of `chain` with random bytes, [`MAX_REQUEST`] at most; returns
+/// how many were written. The iterator stops at a malformed descriptor (loop, out of
+/// bounds): what was written before it is reported, the rest of the chain is ignored.
+fn fill_chain(
     mem: &GuestMemoryMmap,
-    queue: &mut Queue,
-    served: &mut u64,
-    used: &mut bool,
-) -> Option<usize> {
-    let mut buf = vec![0u8; 4096];
-    let mut popped = 0;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        popped += 1;
-        let head = chain.head_index();
-        let mut written: u32 = 0;
-        // The iterator stops at a malformed descriptor (loop, out of bounds): what was
-        // written before it is reported, the rest of the chain is ignored.
-        for desc in chain.writable() {
-            let want = desc.len().min(MAX_REQUEST - written) as usize;
-            let mut done = 0;
-            while done < want {
-                let n = (want - done).min(buf.len());
-                if fill_random(&mut buf[..n]).is_err() {
-                    break;
-                }
-                match desc.addr().checked_add(done as u64) {
-                    Some(a) if mem.write_slice(&buf[..n], a).is_ok() => done += n,
-                    _ => break,
-                }
-            }
-            written += done as u32;
-            if done < want || written >= MAX_REQUEST {
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut [u8],
+) -> u32 {
+    let mut written: u32 = 0;
+    for desc in chain.writable() {
+        let want = desc.len().min(MAX_REQUEST - written) as usize;
+        let mut done = 0;
+        while done < want {
+            let n = (want - done).min(buf.len());
+            if fill_random(&mut buf[..n]).is_err() {
                 break;
             }
+            match desc.addr().checked_add(done as u64) {
+                Some(a) if mem.write_slice(&buf[..n], a).is_ok() => done += n,
+                _ => break,
+            }
         }
-        if let Err(e) = queue.add_used(mem, head, written) {
-            log::warn!("rng: cannot return descriptor {head}: {e}");
-            return None;
+        written += done as u32;
+        if done < want || written >= MAX_REQUEST {
+            break;
         }
-        *served += u64::from(written);
-        *used = true;
     }
-    Some(popped)
+    written
 }
 
 impl VirtioDevice for Rng {
@@ -137,7 +103,15 @@ impl VirtioDevice for Rng {
         mem: &GuestMemoryMmap,
     ) -> UsedQueues {
         match queues.get_mut(index) {
-            Some(q) if index == 0 => serve(mem, q, &mut self.served_bytes) as UsedQueues,
+            Some(q) if index == 0 => {
+                let mut buf = vec![0u8; 4096];
+                let served = &mut self.served_bytes;
+                serve_each("rng", q, mem, |chain| {
+                    let written = fill_chain(mem, chain, &mut buf);
+                    *served += u64::from(written);
+                    written
+                }) as UsedQueues
+            }
             _ => 0,
         }
     }
@@ -151,6 +125,7 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::virtio::testing::{desc, refs, Driver, N, W};
+    use virtio_queue::QueueT;
 
     /// Runs the given chains through the device; returns used lengths and the used mask.
     fn run(chains: &[&[(u64, u32, u16)]]) -> (Vec<u32>, UsedQueues, Driver) {

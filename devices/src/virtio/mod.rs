@@ -8,7 +8,7 @@ pub mod testing;
 
 use std::os::fd::RawFd;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 /// Virtio device type ids (virtio spec 1.2, section 5).
@@ -100,6 +100,39 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     if start < config.len() {
         let end = (start + data.len()).min(config.len());
         data[..end - start].copy_from_slice(&config[start..end]);
+    }
+}
+
+/// Serves every chain the driver made available, each by `serve_chain` (which returns the
+/// used length), for devices that answer each chain at once (rng, balloon). Notifications
+/// are re-enabled whenever the ring looks empty: with EVENT_IDX that publishes avail_event,
+/// without which the driver stops notifying after its first buffer. A ring that claims
+/// buffers that cannot be popped (a corrupt avail index) ends the pass instead of spinning,
+/// and so does a used ring that cannot be written. Returns whether any chain went back.
+pub fn serve_each(
+    name: &str,
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut serve_chain: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> bool {
+    let mut used = false;
+    loop {
+        let _ = q.disable_notification(mem);
+        let mut popped = 0;
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            popped += 1;
+            let head = chain.head_index();
+            let len = serve_chain(chain);
+            if let Err(e) = q.add_used(mem, head, len) {
+                log::warn!("{name}: cannot return descriptor {head}: {e}");
+                return used;
+            }
+            used = true;
+        }
+        match q.enable_notification(mem) {
+            Ok(true) if popped > 0 => continue,
+            _ => return used,
+        }
     }
 }
 
