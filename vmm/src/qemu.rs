@@ -176,17 +176,11 @@ impl QemuVm {
             args.push("-initrd".into());
             args.push(initrd.display().to_string());
         }
-        // Under TCG the guest's TSC is the host's: its rate spares the guest a calibration
-        // that fails on a busy host (see tsc.rs). First, so that a caller's value wins.
-        let tsc = match (accel, crate::tsc::host_tsc_khz()) {
-            (Accel::Tcg, Some(khz)) => format!("tsc_early_khz={khz} "),
-            _ => String::new(),
-        };
         // microvm has no i8042, so `reboot=k` falls through to a BIOS restart that can spin
         // in the firmware; a triple fault resets at once, and `-no-reboot` ends QEMU. The
         // last `reboot=` wins.
         args.push("-append".into());
-        args.push(format!("{tsc}{} reboot=t", config.cmdline));
+        args.push(format!("{} reboot=t", config.cmdline));
         let mut servers = Vec::new();
         for (i, (name, device)) in devices.into_iter().enumerate() {
             let kind = crate::bus::lock(&device).device_type();
