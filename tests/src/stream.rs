@@ -54,6 +54,40 @@ fn open(url: &str) -> Result<WebSocket<TcpStream>, String> {
     Ok(ws)
 }
 
+/// Sends `data` on `channel`: one binary message led by the channel byte.
+fn send_on(ws: &mut WebSocket<TcpStream>, channel: u8, data: &[u8]) {
+    let mut m = vec![channel];
+    m.extend_from_slice(data);
+    ws.send(Message::binary(m)).expect("send on the stream");
+}
+
+/// What one read of a channel WebSocket gave.
+enum Incoming {
+    /// A channel's message: the channel byte and what follows it.
+    Message(u8, Vec<u8>),
+    /// Nothing within the read timeout, or a message of no channel.
+    Quiet,
+    /// The server closed, or the connection failed.
+    Closed,
+}
+
+fn next(ws: &mut WebSocket<TcpStream>) -> Incoming {
+    match ws.read() {
+        Ok(Message::Binary(b)) if !b.is_empty() => Incoming::Message(b[0], b[1..].to_vec()),
+        Ok(Message::Close(_)) => Incoming::Closed,
+        Ok(_) => Incoming::Quiet,
+        Err(tungstenite::Error::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Incoming::Quiet
+        }
+        Err(_) => Incoming::Closed,
+    }
+}
+
 impl Stream {
     /// Opens the stream at `url` (what Exec or Attach returned).
     pub fn connect(url: &str) -> Result<Stream, String> {
@@ -64,11 +98,7 @@ impl Stream {
     }
 
     pub fn send(&mut self, channel: u8, data: &[u8]) {
-        let mut m = vec![channel];
-        m.extend_from_slice(data);
-        self.ws
-            .send(Message::binary(m))
-            .expect("send on the stream");
+        send_on(&mut self.ws, channel, data);
     }
 
     /// Tells the terminal's new size, as kubectl does on SIGWINCH.
@@ -81,24 +111,18 @@ impl Stream {
     pub fn read_until(&mut self, timeout: Duration, done: impl Fn(&Output) -> bool) -> &Output {
         let t0 = Instant::now();
         while !done(&self.out) && !self.out.closed && t0.elapsed() < timeout {
-            match self.ws.read() {
-                Ok(Message::Binary(b)) if !b.is_empty() => {
-                    let text = String::from_utf8_lossy(&b[1..]).into_owned();
-                    match b[0] {
+            match next(&mut self.ws) {
+                Incoming::Message(ch, body) => {
+                    let text = String::from_utf8_lossy(&body).into_owned();
+                    match ch {
                         STDOUT => self.out.stdout += &text,
                         STDERR => self.out.stderr += &text,
                         STATUS => self.out.status += &text,
                         _ => {}
                     }
                 }
-                Ok(Message::Close(_)) => self.out.closed = true,
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => self.out.closed = true,
+                Incoming::Quiet => {}
+                Incoming::Closed => self.out.closed = true,
             }
         }
         &self.out
@@ -133,21 +157,17 @@ impl PortForward {
     }
 
     pub fn send(&mut self, data: &[u8]) {
-        let mut m = vec![0];
-        m.extend_from_slice(data);
-        self.ws
-            .send(Message::binary(m))
-            .expect("send on the port-forward stream");
+        send_on(&mut self.ws, 0, data);
     }
 
     /// Reads until `done` holds, or the stream closes, or `timeout`.
     pub fn read_until(&mut self, timeout: Duration, done: impl Fn(&PortForward) -> bool) {
         let t0 = Instant::now();
         while !done(self) && !self.closed && t0.elapsed() < timeout {
-            match self.ws.read() {
-                Ok(Message::Binary(b)) if !b.is_empty() && b[0] < 2 => {
-                    let ch = b[0] as usize;
-                    let mut body = &b[1..];
+            match next(&mut self.ws) {
+                Incoming::Message(ch, body) if ch < 2 => {
+                    let ch = usize::from(ch);
+                    let mut body = &body[..];
                     if !self.opened[ch] {
                         self.opened[ch] = true;
                         body = body.get(2..).unwrap_or_default();
@@ -157,14 +177,8 @@ impl PortForward {
                         _ => self.error += &String::from_utf8_lossy(body),
                     }
                 }
-                Ok(Message::Close(_)) => self.closed = true,
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => self.closed = true,
+                Incoming::Message(..) | Incoming::Quiet => {}
+                Incoming::Closed => self.closed = true,
             }
         }
     }
