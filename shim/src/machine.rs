@@ -33,11 +33,13 @@ fn read_cached(path: &Path, boot_id: &str) -> Option<Calibration> {
     Some(Calibration {
         instructions_per_sec: f.next()?.parse().ok()?,
         elapsed: Duration::from_nanos(f.next()?.parse().ok()?),
+        // 0: the host's TSC is not reliable (see vmm::tsc).
+        tsc_khz: Some(f.next()?.parse().ok()?).filter(|&k| k > 0),
     })
 }
 
-/// How fast KVM runs guest code here: measured by a calibration guest (tens of ms) once per
-/// host boot, then read from `cache` by later pods.
+/// How fast KVM runs guest code here (and the host TSC's rate): measured by a calibration
+/// guest (tens of ms) once per host boot, then read from `cache` by later pods.
 fn calibration(cache: &Path) -> Result<Calibration> {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let boot_id = boot_id.trim();
@@ -49,9 +51,10 @@ fn calibration(cache: &Path) -> Result<Calibration> {
     if !boot_id.is_empty() {
         let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
         let line = format!(
-            "{boot_id} {} {}\n",
+            "{boot_id} {} {} {}\n",
             c.instructions_per_sec,
-            c.elapsed.as_nanos()
+            c.elapsed.as_nanos(),
+            c.tsc_khz.unwrap_or(0)
         );
         if std::fs::write(&tmp, line).is_ok() && std::fs::rename(&tmp, cache).is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -66,19 +69,13 @@ pub fn choose(kind: MachineKind, cache: &Path) -> Result<(Backend, Accel, String
     Ok(match kind {
         MachineKind::Builtin => (Backend::Builtin, Accel::Kvm, "configured: builtin".into()),
         MachineKind::Qemu => {
-            let native = cal()?.native();
-            let accel = if native { Accel::Kvm } else { Accel::Tcg };
-            (
-                Backend::Qemu,
-                accel,
-                format!("configured: qemu ({accel:?})"),
-            )
+            let accel = cal()?.accel();
+            (Backend::Qemu, accel, format!("configured: qemu ({accel})"))
         }
         MachineKind::Auto => {
             let c = cal()?;
             let (backend, why) = doctor::choose_backend(&c);
-            let accel = if c.native() { Accel::Kvm } else { Accel::Tcg };
-            (backend, accel, format!("auto: {why}"))
+            (backend, c.accel(), format!("auto: {why}"))
         }
     })
 }
@@ -164,13 +161,15 @@ mod tests {
         assert_eq!(cache, dir.join("state.calibration"));
         let first = calibration(&cache).expect("calibration guest (needs /dev/kvm)");
         let again = calibration(&cache).unwrap();
-        assert_eq!(first.instructions_per_sec, again.instructions_per_sec);
-        assert_eq!(first.elapsed, again.elapsed);
+        assert_eq!(first, again);
         // Another boot's (or a garbled) cache is not used.
         std::fs::write(&cache, "other-boot 1 1\n").unwrap();
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
         assert!(read_cached(&cache, boot_id.trim()).is_none());
-        std::fs::write(&cache, format!("{} x 1\n", boot_id.trim())).unwrap();
+        std::fs::write(&cache, format!("{} x 1 0\n", boot_id.trim())).unwrap();
+        assert!(read_cached(&cache, boot_id.trim()).is_none());
+        // One written before the TSC rate was kept is measured again.
+        std::fs::write(&cache, format!("{} 1 1\n", boot_id.trim())).unwrap();
         assert!(read_cached(&cache, boot_id.trim()).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }

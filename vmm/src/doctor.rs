@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Cap, Kvm};
 
 use crate::config::{SerialOutput, VmConfig};
+use crate::qemu::Accel;
 use crate::vm::REQUIRED_CAPS;
 
 /// Instructions the calibration guest runs between its two marks (2 per loop iteration).
@@ -32,16 +33,29 @@ pub enum DoctorError {
     NoMarks(String),
 }
 
-/// How fast KVM runs guest code here.
+/// How fast KVM runs guest code here, and the host TSC's rate.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Calibration {
     pub elapsed: Duration,
     pub instructions_per_sec: f64,
+    /// See [`crate::tsc::host_tsc_khz`].
+    pub tsc_khz: Option<u32>,
 }
 
 impl Calibration {
     pub fn native(&self) -> bool {
         self.instructions_per_sec >= NATIVE_THRESHOLD_IPS
+    }
+
+    /// How the qemu back end runs guest code here.
+    pub fn accel(&self) -> Accel {
+        if self.native() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg {
+                host_tsc_khz: self.tsc_khz,
+            }
+        }
     }
 }
 
@@ -110,6 +124,7 @@ pub fn calibrate() -> Result<Calibration, DoctorError> {
             Ok(Calibration {
                 elapsed,
                 instructions_per_sec: CALIBRATION_INSTRUCTIONS as f64 / secs,
+                tsc_khz: crate::tsc::host_tsc_khz(),
             })
         }
         _ => Err(DoctorError::NoMarks(exit.to_string())),

@@ -8,7 +8,7 @@ use lexopt::prelude::*;
 use vmm::arch::cpuid::parse_features;
 use vmm::config;
 use vmm::doctor;
-use vmm::qemu::{Accel, QemuVm};
+use vmm::qemu::QemuVm;
 use vmm::{SerialInputSource, SerialOutput, VmConfig};
 
 const USAGE: &str = "\
@@ -86,13 +86,15 @@ fn parse_run(mut p: lexopt::Parser) -> Result<(VmConfig, Machine)> {
 
 fn run(p: lexopt::Parser) -> Result<ExitCode> {
     let (cfg, machine) = parse_run(p)?;
-    let native = || -> Result<bool> { Ok(doctor::calibrate()?.native()) };
     let exit = match machine {
         Machine::Builtin => vmm::build_microvm(cfg)?.run()?,
-        Machine::Auto if native()? => vmm::build_microvm(cfg)?.run()?,
         Machine::Qemu | Machine::Auto => {
-            let accel = if native()? { Accel::Kvm } else { Accel::Tcg };
-            QemuVm::start(cfg, accel)?.wait()
+            let c = doctor::calibrate()?;
+            if matches!(machine, Machine::Auto) && c.native() {
+                vmm::build_microvm(cfg)?.run()?
+            } else {
+                QemuVm::start(cfg, c.accel())?.wait()
+            }
         }
     };
     if !exit.is_clean() {
@@ -142,6 +144,16 @@ fn doctor_cmd(mut p: lexopt::Parser) -> Result<ExitCode> {
         cal.elapsed.as_secs_f64() * 1e3,
         cal.instructions_per_sec / 1e6
     );
+    match cal.tsc_khz {
+        Some(khz) => println!(
+            "{:<28} {:<4} {khz} kHz, constant: TCG guests are told its rate",
+            "host TSC", "ok"
+        ),
+        None => println!(
+            "{:<28} {:<4} not constant or not trusted: TCG guests calibrate it",
+            "host TSC", "-"
+        ),
+    }
     println!(
         "guest code:                  {}",
         if cal.native() { "native" } else { "emulated" }

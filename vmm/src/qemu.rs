@@ -47,7 +47,20 @@ pub enum QemuError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
     Kvm,
-    Tcg,
+    /// QEMU's emulator, where the guest's TSC is the host's: the guest is told its rate
+    /// where the host's TSC is reliable (see tsc.rs).
+    Tcg {
+        host_tsc_khz: Option<u32>,
+    },
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Kvm => "KVM",
+            Self::Tcg { .. } => "TCG",
+        })
+    }
 }
 
 /// The QEMU binary used for the qemu machine.
@@ -128,7 +141,7 @@ impl QemuVm {
         let mem = config.memory_mib;
         let (accel_name, cpu) = match accel {
             Accel::Kvm => ("kvm", "host"),
-            Accel::Tcg => ("tcg", "max"),
+            Accel::Tcg { .. } => ("tcg", "max"),
         };
         args.extend(
             [
@@ -176,11 +189,18 @@ impl QemuVm {
             args.push("-initrd".into());
             args.push(initrd.display().to_string());
         }
+        // First, so that the caller's options win.
+        let tsc = match accel {
+            Accel::Tcg {
+                host_tsc_khz: Some(khz),
+            } => format!("{} ", crate::tsc::guest_options(khz)),
+            _ => String::new(),
+        };
         // microvm has no i8042, so `reboot=k` falls through to a BIOS restart that can spin
         // in the firmware; a triple fault resets at once, and `-no-reboot` ends QEMU. The
         // last `reboot=` wins.
         args.push("-append".into());
-        args.push(format!("{} reboot=t", config.cmdline));
+        args.push(format!("{tsc}{} reboot=t", config.cmdline));
         let mut servers = Vec::new();
         for (i, (name, device)) in devices.into_iter().enumerate() {
             let kind = crate::bus::lock(&device).device_type();
