@@ -4,7 +4,7 @@
 //! "ERR <reason>\n", and copies bytes both ways until each side has ended.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -82,23 +82,15 @@ pub fn spawn() -> Result<()> {
 
 /// Reads "<port>\n" from the shim.
 fn read_port(conn: &File) -> std::result::Result<u16, String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() <= 6 {
-        match (&*conn).read(&mut byte) {
-            Ok(1) if byte[0] == b'\n' => {
-                let text = String::from_utf8_lossy(&line);
-                return match text.parse::<u16>() {
-                    Ok(p) if p != 0 => Ok(p),
-                    _ => Err(format!("bad port {text:?}")),
-                };
-            }
-            Ok(1) => line.push(byte[0]),
-            Ok(_) => return Err("closed before naming a port".into()),
-            Err(e) => return Err(format!("reading the port: {e}")),
-        }
+    // A port has at most 5 digits; one more byte shows a longer line.
+    match protocol::read_line(conn, 7) {
+        Ok(Some(text)) => match text.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(p),
+            _ => Err(format!("bad port {text:?}")),
+        },
+        Ok(None) => Err("no port line (closed, or longer than a port)".into()),
+        Err(e) => Err(format!("reading the port: {e}")),
     }
-    Err("the port line is too long".into())
 }
 
 /// 127.0.0.1:`port`, else [::1]:`port`.

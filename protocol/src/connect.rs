@@ -1,7 +1,7 @@
 //! Reaching the agent from the host through the hybrid vsock device: connect to the device's
 //! Unix socket, ask for the guest port, then speak ttrpc on the same stream.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -53,17 +53,10 @@ pub fn connect_stream(uds: &Path, port: u32) -> Result<UnixStream, ConnectError>
     // get to check whether it did.
     s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(sock_err)?;
-    // Read the answer byte by byte: whatever follows belongs to the protocol on top.
-    let mut line = Vec::new();
-    let mut r = BufReader::with_capacity(1, &s);
-    r.read_until(b'\n', &mut line).map_err(sock_err)?;
-    let line = String::from_utf8_lossy(&line).trim_end().to_owned();
-    if !line.starts_with("OK ") {
-        return Err(ConnectError::Refused(if line.is_empty() {
-            "connection closed".into()
-        } else {
-            line
-        }));
+    match crate::read_line(&s, 256).map_err(sock_err)? {
+        Some(line) if line.starts_with("OK ") => {}
+        Some(line) => return Err(ConnectError::Refused(line)),
+        None => return Err(ConnectError::Refused("connection closed".into())),
     }
     s.set_read_timeout(None).map_err(sock_err)?;
     Ok(s)

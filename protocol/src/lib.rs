@@ -15,8 +15,10 @@ pub const FORWARD_PORT: u32 = 1026;
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 
 mod connect;
+mod line;
 mod relay;
 pub use connect::{connect_agent, connect_agent_while, connect_stream, ConnectError};
+pub use line::read_line;
 pub use relay::relay;
 
 pub use protobuf;

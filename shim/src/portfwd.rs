@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -282,18 +282,12 @@ impl Shared {
         let io = |e: std::io::Error| e.to_string();
         s.write_all(format!("{port}\n").as_bytes()).map_err(io)?;
         s.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io)?;
-        // Byte by byte: what follows the answer is the guest's.
-        let mut answer = Vec::new();
-        BufReader::with_capacity(1, &s)
-            .take(256)
-            .read_until(b'\n', &mut answer)
-            .map_err(io)?;
+        let answer = protocol::read_line(&s, 256).map_err(io)?;
         s.set_read_timeout(None).map_err(io)?;
-        let answer = String::from_utf8_lossy(&answer);
-        match answer.trim_end() {
-            "OK" => Ok(s),
-            "" => Err("the agent closed the connection".into()),
-            other => Err(format!("the agent answered {other:?}")),
+        match answer.as_deref() {
+            Some("OK") => Ok(s),
+            Some(other) => Err(format!("the agent answered {other:?}")),
+            None => Err("the agent closed the connection".into()),
         }
     }
 }
