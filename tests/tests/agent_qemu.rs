@@ -5,9 +5,6 @@
 //!
 //! Needs root, qemu-system-x86_64, mkfs.erofs, mkfs.ext4, `make build` and `make guest`.
 
-use std::fs;
-use std::path::PathBuf;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,73 +12,15 @@ use protocol::agent::*;
 use protocol::ttrpc::Code;
 use tests::agent::*;
 use tests::images;
-use tests::netns::NetNs;
 
-/// A temporary directory for one test's disks and sockets, removed on drop.
-struct Scratch(PathBuf);
+#[path = "agent_qemu/forward.rs"]
+mod forward;
+#[path = "agent_qemu/harness.rs"]
+mod harness;
+#[path = "agent_qemu/network.rs"]
+mod network;
 
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("kvagent-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn join(&self, n: &str) -> PathBuf {
-        self.0.join(n)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The image disk (id `img`) and `n` scratch disks (ids `s0`..) every test VM gets.
-fn standard_disks(dir: &Scratch, n: usize) -> Vec<Disk> {
-    let image = dir.join("busybox.erofs");
-    images::busybox_erofs(&image);
-    let mut disks = vec![Disk {
-        path: image,
-        id: "img".into(),
-        read_only: true,
-    }];
-    for i in 0..n {
-        let p = dir.join(&format!("scratch{i}.ext4"));
-        images::ext4(&p, 64);
-        disks.push(Disk {
-            path: p,
-            id: format!("s{i}"),
-            read_only: false,
-        });
-    }
-    disks
-}
-
-fn boot(dir: &Scratch, disks: Vec<Disk>, extra: Vec<String>) -> GuestVm {
-    let vm = GuestVm::boot(
-        &dir.0,
-        &GuestOptions {
-            disks,
-            extra,
-            memory_mib: 256,
-            collect_log: true,
-        },
-    );
-    println!(
-        "  VM start to agent ready: {:.2} s",
-        vm.ready_after.as_secs_f64()
-    );
-    vm
-}
-
-fn code_of(e: &protocol::ttrpc::Error) -> Code {
-    match e {
-        protocol::ttrpc::Error::RpcStatus(s) => s.code(),
-        _ => Code::UNKNOWN,
-    }
-}
+use harness::*;
 
 #[test]
 fn container_lifecycle_echo_exit_code_exec_signal_stats() {
@@ -356,66 +295,6 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
     vm.shutdown();
 }
 
-/// One connection through the agent's forward port to guest `port`: its answer line, then
-/// (after OK) what the guest sent back for `request`, the host's side half-closed after it.
-fn forward(vm: &GuestVm, port: &str, request: &[u8]) -> (String, Vec<u8>) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let mut s = protocol::connect_stream(&vm.uds, protocol::FORWARD_PORT).expect("vsock connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(format!("{port}\n").as_bytes()).unwrap();
-    let mut answer = Vec::new();
-    BufReader::with_capacity(1, &s)
-        .read_until(b'\n', &mut answer)
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let mut back = Vec::new();
-    if answer == "OK\n" {
-        s.write_all(request).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        s.read_to_end(&mut back).unwrap();
-    }
-    (answer, back)
-}
-
-/// WatchPorts reports the guest's listeners; the forward port reaches them, passes a half
-/// close on, and refuses what it cannot serve.
-fn port_forward_reaches_the_guests_localhost(vm: &GuestVm) {
-    let a = &vm.agent;
-    let mut generation = 0;
-    let ports = loop {
-        let req = WatchPortsRequest {
-            generation,
-            ..Default::default()
-        };
-        let r = a.watch_ports(ctx(), &req).expect("WatchPorts");
-        if r.ports.contains(&8080) && r.ports.contains(&9001) {
-            break r.ports;
-        }
-        generation = r.generation;
-    };
-    println!("  guest ports on localhost: {ports:?}");
-    let (answer, page) = forward(vm, "8080", b"GET /index.html HTTP/1.0\r\n\r\n");
-    assert_eq!(answer, "OK\n");
-    let page = String::from_utf8_lossy(&page);
-    assert!(page.ends_with("\r\n\r\nserved-by-c1\n"), "{page:?}");
-    // The count comes only after the guest heard the host's half close.
-    let body = vec![b'x'; 300_000];
-    let (answer, count) = forward(vm, "9001", &body);
-    assert_eq!(answer, "OK\n");
-    assert_eq!(String::from_utf8_lossy(&count).trim(), "300000");
-    for (port, why) in [
-        ("9999", "localhost:9999: IPv4: Connection refused"),
-        ("0", "bad port"),
-        ("http", "bad port"),
-    ] {
-        let (answer, _) = forward(vm, port, b"");
-        assert!(
-            answer.starts_with("ERR ") && answer.contains(why),
-            "port {port}: {answer:?}"
-        );
-    }
-}
-
 fn mount_data_volume(a: &protocol::agent_ttrpc::AgentClient) {
     let req = MountVolumeRequest {
         name: "data".into(),
@@ -470,7 +349,7 @@ fn two_containers_share_the_network_not_the_filesystem_and_a_volume_survives_res
         ("separate-fs\nserved-by-c1\n", 0),
         "stderr: {err}"
     );
-    port_forward_reaches_the_guests_localhost(&vm);
+    forward::port_forward_reaches_the_guests_localhost(&vm);
     let kill = SignalRequest {
         container_id: "c1".into(),
         signal: 9,
@@ -609,199 +488,4 @@ fn malformed_requests_are_refused_clearly_and_the_agent_keeps_serving() {
     // A killed VMM takes its QEMU along (a parent-death signal): no VM outlives it.
     let mut vm = vm;
     vm.kill_vmm_only(Duration::from_secs(5)).unwrap();
-}
-
-const GUEST_MAC: &str = "02:4b:56:00:00:02";
-
-fn wait_for_tap(ns: &NetNs, tap: &str, vm: &GuestVm) {
-    let t0 = Instant::now();
-    while !Command::new("ip")
-        .args(["-n", &ns.name, "link", "show", tap])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "tap {tap} never appeared; console:\n{}",
-            vm.console()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-#[test]
-fn sandbox_network_files_time_and_a_terminal() {
-    let dir = Scratch::new("sandbox");
-    let ns = NetNs::new("kvagent");
-    let tap = format!("kva{}", std::process::id() % 100_000);
-    let net = vec![
-        "--net".to_string(),
-        format!("tap={tap},mac={GUEST_MAC},netns={}", ns.path().display()),
-    ];
-    let vm = boot(&dir, standard_disks(&dir, 2), net);
-    let a = &vm.agent;
-    wait_for_tap(&ns, &tap, &vm);
-    ns.exec(&["ip", "addr", "add", "10.202.0.1/24", "dev", &tap]);
-    ns.exec(&["ip", "link", "set", &tap, "up"]);
-
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64;
-    let setup = SetupSandboxRequest {
-        hostname: "pod-a".into(),
-        dns_servers: vec!["10.96.0.10".into()],
-        dns_searches: vec!["default.svc.cluster.local".into()],
-        dns_options: vec!["ndots:5".into()],
-        host_time_unix_ns: now_ns,
-        ..Default::default()
-    };
-    a.setup_sandbox(ctx(), &setup).unwrap();
-    let iface = Interface {
-        mac: GUEST_MAC.into(),
-        name: "eth0".into(),
-        mtu: 1400,
-        addresses: vec![IpAddress {
-            address: "10.202.0.2".into(),
-            prefix_len: 24,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    let route = Route {
-        destination: "default".into(),
-        gateway: "10.202.0.1".into(),
-        device: "eth0".into(),
-        ..Default::default()
-    };
-    let netreq = ConfigureNetworkRequest {
-        interfaces: vec![iface],
-        routes: vec![route],
-        ..Default::default()
-    };
-    a.configure_network(ctx(), &netreq).unwrap();
-    // The pod IP answers from the test's namespace.
-    let t0 = Instant::now();
-    while !Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "busybox",
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "10.202.0.2",
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        if t0.elapsed() > Duration::from_secs(30) {
-            create(
-                a,
-                "diag",
-                "img",
-                "s1",
-                spec(
-                    &[
-                        "sh",
-                        "-c",
-                        "ip addr; ip route; cat /proc/net/dev /proc/interrupts",
-                    ],
-                    serde_json::json!({}),
-                ),
-            )
-            .unwrap();
-            let (out, err, _) = run_to_end(a, "diag");
-            let host = Command::new("sh")
-                .args([
-                    "-c",
-                    &format!(
-                        "ip -n {0} -s link; ip -n {0} addr; ip -n {0} route",
-                        ns.name
-                    ),
-                ])
-                .output()
-                .unwrap();
-            panic!(
-                "pod IP never answered; guest network:\n{out}{err}\nhost tap:\n{}\nconsole:\n{}",
-                String::from_utf8_lossy(&host.stdout),
-                vm.console()
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-
-    let copy = |data: &str| {
-        let req = CopyFileRequest {
-            path: "cm/app.conf".into(),
-            data: data.as_bytes().to_vec(),
-            mode: 0o640,
-            ..Default::default()
-        };
-        a.copy_file(ctx(), &req).unwrap();
-    };
-    copy("key=value1\n");
-    let mounts = serde_json::json!({"mounts": [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["newinstance", "ptmxmode=0666", "mode=0620"]},
-        {"destination": "/etc/config", "type": "bind", "source": "/run/kubevirt/files/cm", "options": ["rbind", "ro"]},
-        {"destination": "/etc/resolv.conf", "type": "bind", "source": "/run/kubevirt/sandbox/resolv.conf", "options": ["rbind", "ro"]}
-    ]});
-    let script = "hostname; cat /etc/config/app.conf; stat -c %a /etc/config/app.conf; cat /etc/resolv.conf; \
-        ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; ip link show eth0 | grep -o 'mtu [0-9]*'; ip route | grep default; date +%Y; sleep 1000";
-    create(a, "app", "img", "s0", spec(&["sh", "-c", script], mounts)).unwrap();
-    a.start_container(ctx(), &container("app")).unwrap();
-    let year = Command::new("date").arg("+%Y").output().unwrap();
-    let year = String::from_utf8_lossy(&year.stdout).trim().to_owned();
-    let out = read_stdout_until(a, "app", &format!("\n{year}\n"));
-    let want = format!(
-        "pod-a\nkey=value1\n640\nnameserver 10.96.0.10\nsearch default.svc.cluster.local\noptions ndots:5\n\
-         inet 10.202.0.2/24\nmtu 1400\ndefault via 10.202.0.1 dev eth0 \n{year}\n"
-    );
-    assert_eq!(out, want);
-
-    // An updated file reaches the running container; a terminal exec sees its size.
-    copy("key=value2\n");
-    let mut tty = serde_json::from_slice::<serde_json::Value>(&process(&[
-        "sh",
-        "-c",
-        "read go; cat /etc/config/app.conf; stty size; tty",
-    ]))
-    .unwrap();
-    tty["terminal"] = serde_json::json!(true);
-    let exec = ExecProcessRequest {
-        container_id: "app".into(),
-        exec_id: "tty".into(),
-        process: serde_json::to_vec(&tty).unwrap(),
-        stdin: true,
-        ..Default::default()
-    };
-    a.exec_process(ctx(), &exec).unwrap();
-    let resize = ResizeTtyRequest {
-        container_id: "app".into(),
-        exec_id: "tty".into(),
-        rows: 40,
-        cols: 100,
-        ..Default::default()
-    };
-    a.resize_tty(ctx(), &resize).unwrap();
-    let stdin = WriteStreamRequest {
-        container_id: "app".into(),
-        exec_id: "tty".into(),
-        data: b"go\n".to_vec(),
-        ..Default::default()
-    };
-    assert_eq!(a.write_stdin(ctx(), &stdin).unwrap().len, 3);
-    let out = String::from_utf8_lossy(&read_all(a, "app", "tty", false)).replace('\r', "");
-    assert!(out.contains("key=value2\n40 100\n/dev/pts/"), "{out:?}");
-    assert_eq!(
-        a.wait_process(ctx(), &proc_req("app", "tty"))
-            .unwrap()
-            .exit_status,
-        0
-    );
-    vm.shutdown();
 }
