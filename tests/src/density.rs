@@ -149,7 +149,7 @@ pub fn pod_processes_memory(c: &Containerd) -> (Memory, Memory) {
 }
 
 /// CPU time so far of each shim and each VM process (QEMU) of `c`'s pods, by pid.
-pub fn pod_processes_cpu(c: &Containerd) -> (CpuByPid, CpuByPid) {
+fn pod_processes_cpu(c: &Containerd) -> (CpuByPid, CpuByPid) {
     let each = |pids: Vec<u32>| {
         pids.into_iter()
             .map(|p| (p, crate::blkbench::process_cpu(p)))
@@ -159,7 +159,7 @@ pub fn pod_processes_cpu(c: &Containerd) -> (CpuByPid, CpuByPid) {
     (each(shims), each(vms))
 }
 
-pub type CpuByPid = std::collections::BTreeMap<u32, Duration>;
+type CpuByPid = std::collections::BTreeMap<u32, Duration>;
 
 /// Mean and largest CPU per process between two samples, in ms per second of `window`.
 fn cpu_rate(before: &CpuByPid, after: &CpuByPid, window: Duration) -> (f64, f64) {

@@ -90,7 +90,7 @@ fn run(p: lexopt::Parser) -> Result<ExitCode> {
         Machine::Builtin => vmm::build_microvm(cfg)?.run()?,
         Machine::Qemu | Machine::Auto => {
             let c = doctor::calibrate()?;
-            if matches!(machine, Machine::Auto) && c.native() {
+            if machine == Machine::Auto && c.native() {
                 vmm::build_microvm(cfg)?.run()?
             } else {
                 QemuVm::start(cfg, c.accel())?.wait()
@@ -149,6 +149,7 @@ fn doctor_cmd(mut p: lexopt::Parser) -> Result<ExitCode> {
             "{:<28} {:<4} {khz} kHz, constant: TCG guests are told its rate",
             "host TSC", "ok"
         ),
+        None if cal.native() => {}
         None => println!(
             "{:<28} {:<4} not constant or not trusted: TCG guests calibrate it",
             "host TSC", "-"
