@@ -2,12 +2,14 @@
 //! Unix socket, ask for the guest port, then speak ttrpc on the same stream.
 
 use std::io::Write;
-use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(feature = "client")]
+use std::time::Instant;
 
-use crate::agent_ttrpc::AgentClient;
+#[cfg(feature = "client")]
+use crate::blocking::AgentClient;
 
 /// Why the agent could not be reached.
 #[derive(Debug)]
@@ -16,8 +18,8 @@ pub enum ConnectError {
     Socket(std::path::PathBuf, std::io::Error),
     /// The device refused the port (nothing listens there yet) or answered garbage.
     Refused(String),
-    /// ttrpc could not take over the stream.
-    Ttrpc(ttrpc::Error),
+    /// The ttrpc client could not take over the stream.
+    Client(std::io::Error),
     /// Nothing answered before the deadline.
     Timeout(Duration, Box<ConnectError>),
     /// The VM ended while we waited (how it ended).
@@ -29,7 +31,7 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Socket(p, e) => write!(f, "vsock socket {}: {e}", p.display()),
             ConnectError::Refused(m) => write!(f, "vsock connect refused: {m}"),
-            ConnectError::Ttrpc(e) => write!(f, "ttrpc: {e}"),
+            ConnectError::Client(e) => write!(f, "ttrpc client: {e}"),
             ConnectError::Timeout(d, last) => write!(f, "agent not reachable within {d:?}: {last}"),
             ConnectError::VmEnded(how) => {
                 write!(f, "the VM ended before its agent answered: {how}")
@@ -62,13 +64,15 @@ pub fn connect_stream(uds: &Path, port: u32) -> Result<UnixStream, ConnectError>
     Ok(s)
 }
 
-/// A ttrpc client of the agent, retrying until it listens or `timeout` passes.
+/// A client of the agent, retrying until it listens or `timeout` passes.
+#[cfg(feature = "client")]
 pub fn connect_agent(uds: &Path, timeout: Duration) -> Result<AgentClient, ConnectError> {
     connect_agent_while(uds, timeout, || None)
 }
 
 /// [`connect_agent`] that gives up as soon as `ended` says how the VM ended: a guest that
 /// panicked at boot fails at once instead of after the whole timeout.
+#[cfg(feature = "client")]
 pub fn connect_agent_while(
     uds: &Path,
     timeout: Duration,
@@ -78,8 +82,7 @@ pub fn connect_agent_while(
     loop {
         match connect_stream(uds, crate::AGENT_PORT) {
             Ok(s) => {
-                let client = ttrpc::Client::new(s.into_raw_fd()).map_err(ConnectError::Ttrpc)?;
-                return Ok(AgentClient::new(client));
+                return AgentClient::new(s).map_err(ConnectError::Client);
             }
             Err(e) if start.elapsed() >= timeout => {
                 return Err(ConnectError::Timeout(timeout, Box::new(e)));

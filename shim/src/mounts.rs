@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use protocol::agent::CopyFileRequest;
-use protocol::agent_ttrpc::AgentClient;
+use protocol::blocking::AgentClient;
 
 use crate::error::{Result, ShimError};
 use crate::pod::ctx;

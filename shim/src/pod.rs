@@ -12,7 +12,7 @@ use devices::block::{BlockConfig, MediaSlot};
 use devices::net::{NetConfig, TapSource};
 use devices::vsock::VsockConfig;
 use protocol::agent::{Empty, MountVolumeRequest, SetupSandboxRequest};
-use protocol::agent_ttrpc::AgentClient;
+use protocol::blocking::AgentClient;
 use protocol::ttrpc::context;
 use vmm::{SerialOutput, VmConfig};
 

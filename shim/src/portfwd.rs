@@ -24,7 +24,7 @@ use nix::sched::{setns, CloneFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{setsockopt, sockopt};
 use protocol::agent::WatchPortsRequest;
-use protocol::agent_ttrpc::AgentClient;
+use protocol::blocking::AgentClient;
 
 use crate::error::{Result, ShimError};
 

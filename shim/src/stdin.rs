@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use protocol::agent::{ProcessRequest, WriteStreamRequest};
-use protocol::agent_ttrpc::AgentClient;
+use protocol::blocking::AgentClient;
 use protocol::ttrpc::context;
 
 /// A process's stdin FIFO, opened when containerd creates the process (as runc's shim does):

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use protocol::agent::ReadStreamRequest;
-use protocol::agent_ttrpc::AgentClient;
+use protocol::blocking::AgentClient;
 use protocol::ttrpc::context;
 
 use crate::stdin::Stdin;

@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use protocol::agent::*;
-use protocol::agent_ttrpc::AgentClient;
+use protocol::blocking::AgentClient;
 use protocol::ttrpc::context::{self, Context};
 
 use crate::{vmm_binary, workspace_root};

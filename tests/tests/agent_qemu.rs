@@ -295,7 +295,7 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
     vm.shutdown();
 }
 
-fn mount_data_volume(a: &protocol::agent_ttrpc::AgentClient) {
+fn mount_data_volume(a: &protocol::blocking::AgentClient) {
     let req = MountVolumeRequest {
         name: "data".into(),
         device_id: "vol1".into(),
