@@ -8,6 +8,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
 
 use crate::config::ShimConfig;
+use crate::events::Publisher;
 use crate::service::{now_ns, state_dir, timestamp, TaskService, SANDBOX_ID};
 
 /// The shim binary's entry points (`start`, `delete`, serving).
@@ -90,6 +91,13 @@ impl containerd_shim::Shim for Service {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        TaskService::new(publisher, self.namespace.clone(), self.exit.clone())
+        // Its sync ttrpc client would wake the shim 100 times a second (src/events.rs).
+        drop(publisher);
+        let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+        TaskService::new(
+            Publisher::new(address),
+            self.namespace.clone(),
+            self.exit.clone(),
+        )
     }
 }

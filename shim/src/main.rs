@@ -6,6 +6,7 @@ mod cgroup;
 mod config;
 mod console;
 mod error;
+mod events;
 mod exporter;
 mod lifecycle;
 mod machine;

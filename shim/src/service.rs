@@ -16,7 +16,6 @@ use containerd_shim::protos::events::task::{
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::topics;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::ExitSignal;
 use protocol::agent::{
     ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest, Rootfs,
@@ -25,6 +24,7 @@ use protocol::agent::{
 use crate::cgroup::{self, Limits, PodCgroup};
 use crate::config::ShimConfig;
 use crate::error::{Result, ShimError};
+use crate::events::Publisher;
 use crate::exporter;
 use crate::mounts;
 use crate::network;
@@ -66,7 +66,7 @@ pub(crate) fn state_dir(cfg: &ShimConfig, namespace: &str, id: &str) -> PathBuf 
 
 /// The Task service containerd calls.
 pub struct TaskService {
-    pub(crate) publisher: Arc<RemotePublisher>,
+    pub(crate) publisher: Arc<Publisher>,
     pub(crate) namespace: String,
     pub(crate) exit: Arc<ExitSignal>,
     /// A bad config file fails each Create with its message rather than the shim's start.
@@ -78,9 +78,9 @@ pub struct TaskService {
     create_lock: Mutex<()>,
 }
 
-pub(crate) fn publish(p: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
-    if let Err(e) = p.publish(containerd_shim::Context::default(), topic, ns, event) {
-        log::warn!("publish {topic}: {e}");
+pub(crate) fn publish(p: &Publisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
+    if let Err(e) = p.publish(ns, topic, &*event) {
+        log::warn!("{e}");
     }
 }
 
@@ -165,7 +165,7 @@ fn join_cgroup(
 }
 
 impl TaskService {
-    pub fn new(publisher: RemotePublisher, namespace: String, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(publisher: Publisher, namespace: String, exit: Arc<ExitSignal>) -> Self {
         TaskService {
             publisher: Arc::new(publisher),
             namespace,
