@@ -1,27 +1,22 @@
 //! The shim's side of the agent protocol: what an agent (a guest program, so untrusted) sends
 //! back. The shim is a binary with no library to call into, so this drives the code it runs
-//! on every reply: the generated `AgentClient` over ttrpc's sync client, as `connect_agent`
-//! builds it, against a fake agent that answers the first request with the input's bytes
-//! (ttrpc frame header, `ttrpc.Response`, the response message) and closes.
+//! on every reply: `protocol::blocking::AgentClient` (ttrpc's async client), as
+//! `connect_agent` builds it, against a fake agent that answers the first request with the
+//! input's bytes (ttrpc frame header, `ttrpc.Response`, the response message) and closes.
 //!
 //! First byte: bits 0-6 pick the call (modulo the calls below); bit 7 set skips ttrpc and
 //! decodes the rest as that call's response message directly. Every decoded message must
-//! survive an encode/decode round trip unchanged. Run it without leak checks
-//! (`ASAN_OPTIONS=detect_leaks=0`, `-detect_leaks=0`): ttrpc's client threads outlive each
-//! input, and LeakSanitizer takes what they hold for leaks.
+//! survive an encode/decode round trip unchanged.
 
 #![no_main]
 
-use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use protocol::agent::*;
-use protocol::agent_ttrpc::AgentClient;
+use protocol::blocking::AgentClient;
 use protocol::protobuf::Message;
 use protocol::ttrpc::{self, context};
 
@@ -93,19 +88,6 @@ fn call_agent(client: &AgentClient, call: u8) {
     }
 }
 
-/// Drops `client` some inputs later. ttrpc's receiver thread reads the connection by its
-/// raw descriptor and may still be about to read it (and find the agent's end of stream)
-/// when the call returns; closing it at once would let the next input's socket take its
-/// number, and the old thread steal that input's reply.
-fn retire(client: AgentClient) {
-    static RETIRED: Mutex<VecDeque<AgentClient>> = Mutex::new(VecDeque::new());
-    let mut retired = RETIRED.lock().unwrap_or_else(|e| e.into_inner());
-    retired.push_back(client);
-    if retired.len() > 16 {
-        retired.pop_front();
-    }
-}
-
 /// Whether some frame header in `reply` announces more than `MAX_ANNOUNCED` bytes.
 fn announces_too_much(reply: &[u8]) -> bool {
     let mut at = 0;
@@ -146,8 +128,7 @@ fuzz_target!(|data: &[u8]| {
     let (shim, agent) = UnixStream::pair().expect("socket pair");
     let reply = reply.to_vec();
     let fake = std::thread::spawn(move || answer(agent, reply));
-    let client = AgentClient::new(ttrpc::Client::new(shim.into_raw_fd()).expect("ttrpc client"));
+    let client = AgentClient::new(shim).expect("ttrpc client");
     call_agent(&client, call);
     fake.join().expect("fake agent");
-    retire(client);
 });
