@@ -589,3 +589,28 @@ fn a_guest_booted_on_a_busy_host_keeps_a_high_resolution_clock() {
     };
     println!("busy host: {line}; LAPIC timer {lapic}");
 }
+
+/// The guest reads the wall clock from the machine's RTC at boot (nothing else sets it
+/// here; the agent's SetTime is not in this guest). Without one, Linux waits a second (1.7 s
+/// under TCG) for a CMOS update that never ends, then starts in 1970.
+#[test]
+fn a_guest_boots_with_the_hosts_time_from_its_rtc() {
+    let s = "echo \"kvtest: time now=$(date +%s) rtc_errors=$(dmesg | grep -c 'Unable to read current time' || true)\"\n";
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let out = Vm::start(&[], s).finish();
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let line = line_with(&out, "kvtest: time ");
+    assert_eq!(field(line, "rtc_errors"), "0", "{line}");
+    let now: u64 = field(line, "now").parse().unwrap();
+    // The RTC counts whole seconds.
+    assert!(
+        (before.saturating_sub(2)..=after + 2).contains(&now),
+        "guest time {now}, host {before}..{after}: {line}"
+    );
+}

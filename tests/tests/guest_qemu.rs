@@ -59,10 +59,11 @@ fn boot(guest: &Guest, append: &str) -> Boot {
         // acpi=off: QEMU writes an MP table and puts `virtio_mmio.device=` on the command line.
         // The PIT and PIC stay on: under TCG there is no kvmclock, and without the PIT the
         // kernel cannot calibrate the TSC (it hangs after "Unable to calibrate against PIT");
-        // with pic=off it hangs bringing up the second CPU.
+        // with pic=off it hangs bringing up the second CPU. Without the RTC it waits a second
+        // for a CMOS update that never ends.
         .args([
             "-M",
-            "microvm,acpi=off,x-option-roms=off,rtc=off",
+            "microvm,acpi=off,x-option-roms=off,rtc=on",
             "-accel",
             "tcg",
             "-m",
