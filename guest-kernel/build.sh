@@ -12,6 +12,8 @@
 #   KUBEVIRT_JOBS       parallel make jobs (default: nproc)
 #   KUBEVIRT_FRAGMENT   config fragment (default guest-kernel/config.fragment)
 #
+# guest-kernel/patches/*.patch are applied, in name order, to a copy of the source.
+#
 # Cache layout (every entry is written to a temporary directory and renamed into place):
 #   $KUBEVIRT_CACHE/guest/<kernel key>/      vmlinux bzImage config kernel.release
 #                                            gen_init_cpio build.log inputs.txt
@@ -21,7 +23,7 @@
 #   $KUBEVIRT_CACHE/build/<kernel key>/      extracted source + objects while building
 #   $KUBEVIRT_CACHE/build/<kernel key>.log   full make log of the current/last build
 #   $KUBEVIRT_CACHE/guest.lock               flock: one build at a time
-# kernel key    = sha256(source identity, config.fragment, build.sh, compiler version)
+# kernel key    = sha256(source identity, config.fragment, patches, build.sh, compiler version)
 # initramfs key = sha256(kernel key, test-init.c, build.sh, compiler version)
 # devtest key   = sha256(kernel key, devtest-init.sh, vsock-test.c, build.sh, compiler
 #                 version, busybox binary)
@@ -60,7 +62,7 @@ for f in "$fragment" "$init_src" "$devinit_src" "$vsock_src"; do [[ -f $f ]] || 
 # --- tools -----------------------------------------------------------------------------
 need=()
 for t in make:make gcc:gcc flex:flex bison:bison bc:bc tar:tar xz:xz-utils perl:perl \
-         sha256sum:coreutils flock:util-linux setsid:util-linux; do
+         patch:patch sha256sum:coreutils flock:util-linux setsid:util-linux; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 [[ -f /usr/include/gelf.h ]] || need+=(libelf-dev)
@@ -91,9 +93,13 @@ KERNEL_SRC_TARBALL at a tarball or KERNEL_SRC at a source directory"
 fi
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 cc_id=$(gcc --version | head -1)
+patches=("$here"/patches/*.patch)
+[[ -f ${patches[0]} ]] || patches=()
+patch_ids=$(for p in "${patches[@]}"; do printf '%s=%s ' "$(basename "$p")" "$(sha "$p")"; done)
 kernel_inputs="kubevirt-guest-kernel v1
 source: $src_id
 config.fragment: $(sha "$fragment")
+patches: $patch_ids
 build.sh: $(sha "$self")
 compiler: $cc_id"
 kkey=$(printf '%s\n' "$kernel_inputs" | sha256sum | cut -d' ' -f1)
@@ -138,18 +144,25 @@ build_kernel() {
   # Holding the lock, no other build runs: work trees left by failed builds can go.
   rm -rf "$cache"/build/*/ && mkdir -p "$work/obj"
   : >"$klog"
-  local src=$src_dir obj=$work/obj
-  if [[ -z $src ]]; then
-    log "extracting $tarball"
-    t=$SECONDS
-    mkdir "$work/src"
-    tar -C "$work/src" --strip-components=1 -xf "$tarball" >>"$klog" 2>&1 ||
-      die "extracting $tarball failed (log: $klog)"
-    src=$work/src
-    log "extracted in $(elapsed $t)"
-  fi
+  local src=$work/src obj=$work/obj p
   kmake() { make -C "$src" O="$obj" ARCH=x86_64 "$@"; }
   fail() { tail -n 40 "$klog" >&2; die "$1 failed; full log: $klog"; }
+  mkdir "$src"
+  t=$SECONDS
+  if [[ -n $src_dir ]]; then
+    # A copy: the patches must not touch the caller's tree.
+    log "copying $src_dir"
+    cp -a "$src_dir/." "$src/" || die "copying $src_dir failed"
+  else
+    log "extracting $tarball"
+    tar -C "$src" --strip-components=1 -xf "$tarball" >>"$klog" 2>&1 ||
+      die "extracting $tarball failed (log: $klog)"
+  fi
+  log "source ready in $(elapsed $t)"
+  for p in "${patches[@]}"; do
+    log "applying $(basename "$p")"
+    patch -d "$src" -p1 --forward <"$p" >>"$klog" 2>&1 || fail "applying $p"
+  done
 
   log "configuring: tinyconfig + $(basename "$fragment") + olddefconfig"
   { kmake tinyconfig &&

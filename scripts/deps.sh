@@ -5,7 +5,7 @@ set -euo pipefail
 pkgs=(
   build-essential binutils cpio xz-utils     # tiny test guests, initramfs
   busybox-static                               # device tests' guest (devtest-initramfs)
-  linux-source-6.1 flex bison bc libelf-dev libssl-dev  # guest kernel
+  linux-source-6.1 flex bison bc libelf-dev libssl-dev patch  # guest kernel
   qemu-system-x86                              # `qemu` back end, benchmark peer
   erofs-utils e2fsprogs                        # container image layers (EROFS), scratch disks (ext4)
   libseccomp-dev                               # the agent applies container seccomp profiles

@@ -66,6 +66,13 @@ impl std::fmt::Display for Accel {
 /// The QEMU binary used for the qemu machine.
 pub const QEMU: &str = "qemu-system-x86_64";
 
+/// Input clock of TCG's local APIC timer, which counts nanoseconds of QEMU's virtual clock.
+/// Given to our guest kernel (`lapic_timer_khz=`, guest-kernel/patches/lapic-timer-khz.patch)
+/// it skips the timer's calibration and check against the PIT: a quarter second of every
+/// TCG boot, and a check that a vCPU waiting for a host CPU can fail, which leaves the
+/// guest a periodic tick.
+const TCG_LAPIC_KHZ: u32 = 1_000_000;
+
 /// A running QEMU with its device servers.
 #[derive(Debug)]
 pub struct QemuVm {
@@ -196,8 +203,12 @@ impl QemuVm {
         let tsc = match accel {
             Accel::Tcg {
                 host_tsc_khz: Some(khz),
-            } => format!("{} ", crate::tsc::guest_options(khz)),
-            _ => String::new(),
+            } => format!(
+                "{} lapic_timer_khz={TCG_LAPIC_KHZ} ",
+                crate::tsc::guest_options(khz)
+            ),
+            Accel::Tcg { host_tsc_khz: None } => format!("lapic_timer_khz={TCG_LAPIC_KHZ} "),
+            Accel::Kvm => String::new(),
         };
         // microvm has no i8042, so `reboot=k` falls through to a BIOS restart that can spin
         // in the firmware; a triple fault resets at once, and `-no-reboot` ends QEMU. The
