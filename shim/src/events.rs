@@ -41,29 +41,22 @@ impl Publisher {
     pub fn publish(&self, ns: &str, topic: &str, event: &dyn MessageDyn) -> Result<()> {
         let req = forward_request(ns, topic, event)?;
         let mut client = self.client.lock().unwrap_or_else(|e| e.into_inner());
-        let reused = client.is_some();
-        for attempt in 0..2 {
-            let c = match client.as_ref() {
-                Some(c) => c.clone(),
-                None => client.insert(self.connect()?).clone(),
-            };
-            let ctx = context::with_timeout(SEND_TIMEOUT.as_nanos() as i64);
-            match protocol::blocking::block_on(async { c.forward(ctx, &req).await }) {
-                Ok(_) => return Ok(()),
-                Err(e) if attempt == 0 && reused => {
-                    log::info!("publish {topic}: {e}; connecting to containerd again");
-                    *client = None;
+        if let Some(c) = client.take() {
+            match send(&c, &req) {
+                Ok(()) => {
+                    *client = Some(c);
+                    return Ok(());
                 }
-                Err(e) => {
-                    *client = None;
-                    return Err(ShimError::Command {
-                        what: format!("publish {topic} to {}", self.address),
-                        why: e.to_string(),
-                    });
-                }
+                Err(e) => log::info!("publish {topic}: {e}; connecting to containerd again"),
             }
         }
-        unreachable!("the second attempt returns")
+        let c = self.connect()?;
+        send(&c, &req).map_err(|e| ShimError::Command {
+            what: format!("publish {topic} to {}", self.address),
+            why: e.to_string(),
+        })?;
+        *client = Some(c);
+        Ok(())
     }
 
     fn connect(&self) -> Result<EventsClient> {
@@ -72,6 +65,11 @@ impl Publisher {
         let client = protocol::blocking::client(stream).map_err(ShimError::io(what()))?;
         Ok(EventsClient::new(client))
     }
+}
+
+fn send(c: &EventsClient, req: &ForwardRequest) -> protocol::ttrpc::Result<()> {
+    let ctx = context::with_timeout(SEND_TIMEOUT.as_nanos() as i64);
+    protocol::blocking::block_on(c.forward(ctx, req)).map(drop)
 }
 
 /// containerd's envelope: the event as an Any named by its full protobuf name.

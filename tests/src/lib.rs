@@ -24,6 +24,7 @@ pub mod netbench;
 pub mod netns;
 pub mod podbench;
 pub mod stream;
+pub mod tempdir;
 pub mod threads;
 pub mod vsockbench;
 

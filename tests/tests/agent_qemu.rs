@@ -24,7 +24,7 @@ use harness::*;
 
 #[test]
 fn container_lifecycle_echo_exit_code_exec_signal_stats() {
-    let dir = Scratch::new("life");
+    let dir = TempDir::new("life");
     let vm = boot(&dir, standard_disks(&dir, 2), vec![]);
     // The speed target (under 3 s on TCG) is the benchmark's to check, beside its peers; a
     // test on a busy machine only bounds it loosely.
@@ -210,7 +210,7 @@ fn container_lifecycle_echo_exit_code_exec_signal_stats() {
 
 #[test]
 fn oom_kill_past_the_memory_limit_arrives_as_an_event() {
-    let dir = Scratch::new("oom");
+    let dir = TempDir::new("oom");
     let vm = boot(&dir, standard_disks(&dir, 1), vec![]);
     let a = vm.agent.clone();
     let oom = thread::spawn(move || a.get_oom_event(ctx(), &Empty::new()));
@@ -239,7 +239,7 @@ fn oom_kill_past_the_memory_limit_arrives_as_an_event() {
 
 #[test]
 fn memory_the_guest_frees_goes_back_to_the_host() {
-    let dir = Scratch::new("reporting");
+    let dir = TempDir::new("reporting");
     let reporting = vec!["--free-page-reporting".to_owned()];
     let vm = boot(&dir, standard_disks(&dir, 1), reporting);
     let a = &vm.agent;
@@ -311,7 +311,7 @@ fn data_mount() -> serde_json::Value {
 
 #[test]
 fn two_containers_share_the_network_not_the_filesystem_and_a_volume_survives_restart() {
-    let dir = Scratch::new("pod");
+    let dir = TempDir::new("pod");
     let vol = dir.join("volume.ext4");
     images::ext4(&vol, 64);
     let mut disks = standard_disks(&dir, 2);
@@ -388,7 +388,7 @@ fn two_containers_share_the_network_not_the_filesystem_and_a_volume_survives_res
 
 #[test]
 fn malformed_requests_are_refused_clearly_and_the_agent_keeps_serving() {
-    let dir = Scratch::new("bad");
+    let dir = TempDir::new("bad");
     let vm = boot(&dir, standard_disks(&dir, 1), vec![]);
     let a = &vm.agent;
     let refused = |r: Result<(), protocol::ttrpc::Error>, code: Code, text: &str| {

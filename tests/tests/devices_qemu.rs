@@ -601,15 +601,15 @@ fn a_guest_booted_on_a_busy_host_keeps_a_high_resolution_clock() {
 #[test]
 fn a_guest_boots_with_the_hosts_time_from_its_rtc() {
     let s = "echo \"kvtest: time now=$(date +%s) rtc_errors=$(dmesg | grep -c 'Unable to read current time' || true)\"\n";
-    let before = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let before = unix_now();
     let out = Vm::start(&[], s).finish();
-    let after = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let after = unix_now();
     let line = line_with(&out, "kvtest: time ");
     assert_eq!(field(line, "rtc_errors"), "0", "{line}");
     let now: u64 = field(line, "now").parse().unwrap();

@@ -200,21 +200,20 @@ impl QemuVm {
             args.push(initrd.display().to_string());
         }
         // First, so that the caller's options win.
-        let tsc = match accel {
-            Accel::Tcg {
-                host_tsc_khz: Some(khz),
-            } => format!(
-                "{} lapic_timer_khz={TCG_LAPIC_KHZ} ",
-                crate::tsc::guest_options(khz)
-            ),
-            Accel::Tcg { host_tsc_khz: None } => format!("lapic_timer_khz={TCG_LAPIC_KHZ} "),
+        let timers = match accel {
+            Accel::Tcg { host_tsc_khz } => {
+                let tsc = host_tsc_khz
+                    .map(|khz| format!("{} ", crate::tsc::guest_options(khz)))
+                    .unwrap_or_default();
+                format!("{tsc}lapic_timer_khz={TCG_LAPIC_KHZ} ")
+            }
             Accel::Kvm => String::new(),
         };
         // microvm has no i8042, so `reboot=k` falls through to a BIOS restart that can spin
         // in the firmware; a triple fault resets at once, and `-no-reboot` ends QEMU. The
         // last `reboot=` wins.
         args.push("-append".into());
-        args.push(format!("{tsc}{} reboot=t", config.cmdline));
+        args.push(format!("{timers}{} reboot=t", config.cmdline));
         let mut servers = Vec::new();
         for (i, (name, device)) in devices.into_iter().enumerate() {
             let kind = crate::bus::lock(&device).device_type();

@@ -31,7 +31,7 @@ fn wait_for_tap(ns: &NetNs, tap: &str, vm: &GuestVm) {
 
 #[test]
 fn sandbox_network_files_time_and_a_terminal() {
-    let dir = Scratch::new("sandbox");
+    let dir = TempDir::new("sandbox");
     let ns = NetNs::new("kvagent");
     let tap = format!("kva{}", std::process::id() % 100_000);
     let net = vec![

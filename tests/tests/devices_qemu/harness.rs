@@ -2,7 +2,6 @@
 //! the device-test initramfs), temporary files, and the data streams and checksum that
 //! guest-kernel/vsock-test.c also computes.
 
-use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+pub use tests::tempdir::TempDir;
 use tests::{vmm_binary, workspace_root};
 
 pub const MIB: u64 = 1024 * 1024;
@@ -148,37 +148,7 @@ pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }
 
-// --- temporary files, the VM ------------------------------------------------------------
-
-pub static SEQ: AtomicU32 = AtomicU32::new(0);
-
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A directory removed with everything in it on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(unique(&format!("kvtest-{name}-")));
-        fs::create_dir_all(&p).expect("create temp dir");
-        Self(p)
-    }
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+// --- guest files, the VM -----------------------------------------------------------------
 
 pub fn guest_file(name: &str) -> PathBuf {
     let p = workspace_root().join("target/guest").join(name);
