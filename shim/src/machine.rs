@@ -1,6 +1,7 @@
 //! The pod VM on its machine back end: the builtin VMM inside this process, or QEMU with our
 //! devices over vhost-user. `auto` picks by a calibration guest and says why.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -119,20 +120,26 @@ impl Machine {
         }
     }
 
-    /// Waits up to `timeout` for the guest to end by itself (after the agent's shutdown).
-    pub fn wait_timeout(&mut self, timeout: Duration) -> bool {
+    /// How the VM ended, if it does within `timeout`.
+    pub fn ended_within(&mut self, timeout: Duration) -> Option<String> {
         match self {
-            Machine::Builtin(h) => h.wait_timeout(timeout).is_some(),
-            Machine::Qemu(q) => q.wait_timeout(timeout).is_some(),
+            Machine::Builtin(h) => h.wait_timeout(timeout).map(|e| e.to_string()),
+            Machine::Qemu(q) => q.wait_timeout(timeout).map(|s| format!("QEMU {s}")),
         }
     }
 
     /// How the VM ended, if it has (without waiting).
     pub fn ended(&mut self) -> Option<String> {
+        self.ended_within(Duration::ZERO)
+    }
+
+    /// A descriptor that becomes readable when the VM has ended.
+    pub fn end_fd(&self) -> Result<OwnedFd> {
         match self {
-            Machine::Builtin(h) => h.wait_timeout(Duration::ZERO).map(|e| e.to_string()),
-            Machine::Qemu(q) => q.wait_timeout(Duration::ZERO).map(|s| format!("QEMU {s}")),
+            Machine::Builtin(h) => h.end_fd(),
+            Machine::Qemu(q) => q.end_fd(),
         }
+        .map_err(ShimError::io("watch the VM's end"))
     }
 
     /// Ends the VM now (after a clean shutdown this only reaps it).

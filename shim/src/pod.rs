@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -136,20 +137,6 @@ const CONSOLE_LOG: &str = "console.log";
 /// The last `n` lines the guest wrote on its console.
 fn console_tail(dir: &Path, n: usize) -> Vec<String> {
     console::tail(&dir.join(CONSOLE_LOG), n)
-}
-
-/// How the VM ended, if it does within `timeout`.
-fn ended_within(m: &mut Machine, timeout: Duration) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(how) = m.ended() {
-            return Some(how);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Says in containerd's log how a VM that was not asked to end did, and what the guest said.
@@ -294,7 +281,7 @@ impl Pod {
             host_pid: p.host_pid,
             ports: Mutex::default(),
         };
-        pod.watch_vm();
+        pod.watch_vm()?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
@@ -464,24 +451,43 @@ impl Pod {
     /// Asks the agent to power off, then makes sure the VM is gone and leaves its cgroup.
     /// Tears the VM down when it ends by itself (guest panic, VMM killed): its devices go
     /// with it, so every agent call fails and each container's wait reports an exit.
-    fn watch_vm(&self) {
+    ///
+    /// The watcher sleeps on the VM's end descriptor; `shutdown` takes the machine first,
+    /// so a watcher that wakes to find none has nothing to do.
+    fn watch_vm(&self) -> Result<()> {
+        let end = match self
+            .machine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(m) => m.end_fd()?,
+            None => return Ok(()),
+        };
         let machine = self.machine.clone();
         let dir = self.dir.clone();
         let pod = self.owner.clone();
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(250));
-            let mut guard = machine.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(m) = guard.as_mut() else { return };
-            if let Some(how) = m.ended() {
+        std::thread::Builder::new()
+            .name("vm-watch".into())
+            .spawn(move || {
+                vmm::wait::readable(end.as_fd(), None);
+                let mut guard = machine.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(m) = guard.as_mut() else { return };
+                // Readable: it has ended (the wait reaps QEMU).
+                let how = m.ended_within(Duration::from_secs(1));
                 let m = guard.take();
                 drop(guard);
-                log_unexpected_end(&pod, &how, &dir);
+                log_unexpected_end(
+                    &pod,
+                    how.as_deref().unwrap_or("its end was not reported"),
+                    &dir,
+                );
                 if let Some(m) = m {
                     m.stop();
                 }
-                return;
-            }
-        });
+            })
+            .map_err(ShimError::io("start the VM watcher"))?;
+        Ok(())
     }
 
     pub fn shutdown(&self) {
@@ -496,10 +502,10 @@ impl Pod {
             if let Some(how) = m.ended() {
                 log_unexpected_end(&self.owner, &how, &self.dir);
             } else if self.agent.shutdown(ctx(), &Empty::new()).is_ok()
-                && m.wait_timeout(Duration::from_secs(10))
+                && m.ended_within(Duration::from_secs(10)).is_some()
             {
                 log::info!("pod VM shut down cleanly");
-            } else if let Some(how) = ended_within(&mut m, Duration::from_secs(2)) {
+            } else if let Some(how) = m.ended_within(Duration::from_secs(2)) {
                 // No agent to ask: it crashed (as the guest's PID 1 that panics the kernel,
                 // which resets the VM) or the guest is dying; say how it went.
                 log_unexpected_end(&self.owner, &how, &self.dir);

@@ -619,3 +619,25 @@ fn a_guest_boots_with_the_hosts_time_from_its_rtc() {
         "guest time {now}, host {before}..{after}: {line}"
     );
 }
+
+/// A QEMU machine that cannot start says why, once, and leaves no vhost-user socket
+/// directory behind (its device servers were already listening in one).
+#[test]
+fn a_machine_that_cannot_start_says_why_and_leaves_nothing() {
+    let missing = "/nonexistent/kubevirt-test-kernel";
+    let child = Command::new(tests::vmm_binary())
+        .args(["run", "--machine", "qemu", "--rng", "--kernel", missing])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(missing), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    let left = vmm::qemu::socket_dirs(pid);
+    vmm::qemu::remove_socket_dirs(pid);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

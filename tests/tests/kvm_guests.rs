@@ -3,6 +3,7 @@
 //! instructions.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -131,8 +132,15 @@ fn pause_resume_stop() {
         .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
         .sum();
     assert!(exits >= paused_at as u64 + 3, "{exits} exits");
+    // The end descriptor sleeps while the VM runs and wakes its watcher when it ends.
+    let end = vm.end_fd().unwrap();
+    assert!(!vmm::wait::readable(
+        end.as_fd(),
+        Some(Duration::from_millis(50))
+    ));
     vm.stop();
-    assert_eq!(vm.wait(), VmExit::Stopped);
+    assert!(vmm::wait::readable(end.as_fd(), Some(T)));
+    assert_eq!(vm.wait_timeout(Duration::ZERO), Some(VmExit::Stopped));
 }
 
 #[test]

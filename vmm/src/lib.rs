@@ -24,6 +24,7 @@ pub mod vhost_user;
 pub mod virtio_mmio;
 pub mod vm;
 pub mod vmm;
+pub mod wait;
 
 pub use builder::{build_microvm, BuildError};
 pub use config::{SerialInputSource, SerialOutput, VmConfig, DEFAULT_CMDLINE, GUEST_CMDLINE};

@@ -192,6 +192,18 @@ fn init_log() {
     }
 }
 
+/// The error and its causes, each cause once: our error messages already name their
+/// source, which anyhow's `{:#}` would print a second time.
+fn describe(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1).map(ToString::to_string) {
+        if !msg.contains(&cause) {
+            msg = format!("{msg}: {cause}");
+        }
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     init_log();
     let mut p = lexopt::Parser::from_env();
@@ -210,7 +222,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kubevirt-vmm: {e:#}");
+            eprintln!("kubevirt-vmm: {}", describe(&e));
             ExitCode::from(1)
         }
     }

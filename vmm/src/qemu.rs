@@ -4,6 +4,7 @@
 //! under any KVM VMM.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,6 +35,8 @@ pub enum QemuError {
         binary: String,
         source: std::io::Error,
     },
+    #[error("cannot open a pidfd for {QEMU} (Linux 5.3 or later is needed): {0}")]
+    Pidfd(std::io::Error),
     #[error("device {name} (virtio type {kind}) has no vhost-user front in QEMU")]
     Unsupported { name: String, kind: u32 },
     #[error("cannot prepare QEMU's mount namespace (with {path}): {source}")]
@@ -77,6 +80,8 @@ const TCG_LAPIC_KHZ: u32 = 1_000_000;
 #[derive(Debug)]
 pub struct QemuVm {
     child: Child,
+    /// Readable once QEMU has ended.
+    pidfd: OwnedFd,
     counters: DeviceCounters,
     servers: Vec<VhostUserServer>,
     dir: PathBuf,
@@ -123,6 +128,16 @@ fn jail(dir: &Path, files: &[(&Path, bool)]) -> Result<Jail, QemuError> {
     Ok(jail)
 }
 
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just created and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 fn socket_dir() -> Result<PathBuf, QemuError> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -144,6 +159,19 @@ impl QemuVm {
         let devices = create_devices(&mut config)?;
         let counters = DeviceCounters::from(devices.as_slice());
         let dir = socket_dir()?;
+        // A machine that does not start leaves no socket directory behind.
+        Self::launch(config, accel, devices, counters, dir.clone()).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+    }
+
+    fn launch(
+        mut config: VmConfig,
+        accel: Accel,
+        devices: Vec<crate::builder::NamedDevice>,
+        counters: DeviceCounters,
+        dir: PathBuf,
+    ) -> Result<Self, QemuError> {
         let mut args: Vec<String> = Vec::new();
         let mem = config.memory_mib;
         let (accel_name, cpu) = match accel {
@@ -313,6 +341,15 @@ impl QemuVm {
             binary: QEMU.into(),
             source,
         })?;
+        // Opened before anyone can reap QEMU, so that it names this process.
+        let pidfd = match pidfd_open(child.id()) {
+            Ok(fd) => fd,
+            Err(source) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(QemuError::Pidfd(source));
+            }
+        };
         // Console bytes go to the caller's writer as they arrive.
         let console = match (writer, child.stdout.take()) {
             (Some(mut w), Some(mut out)) => Some(std::thread::spawn(move || {
@@ -325,6 +362,7 @@ impl QemuVm {
         };
         Ok(Self {
             child,
+            pidfd,
             counters,
             servers,
             dir,
@@ -355,16 +393,14 @@ impl QemuVm {
 
     /// Waits up to `timeout`; `None` if QEMU still runs.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let end = std::time::Instant::now() + timeout;
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
-            }
-            if std::time::Instant::now() >= end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::wait::readable(self.pidfd.as_fd(), Some(timeout));
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// A descriptor that becomes readable when QEMU has ended (a pidfd): for a watcher
+    /// that sleeps until then.
+    pub fn end_fd(&self) -> std::io::Result<OwnedFd> {
+        self.pidfd.try_clone()
     }
 
     /// Ends QEMU at once.

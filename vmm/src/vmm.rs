@@ -1,6 +1,7 @@
 //! A built microVM and its life: start, pause/resume/stop from the embedding program, and
 //! the exit status once the guest resets or fails.
 
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -132,6 +133,8 @@ impl std::fmt::Debug for Vmm {
 struct Control {
     vcpus: Vec<VcpuHandle>,
     stop_evt: EventFd,
+    /// Written once every vCPU has stopped: readable for good from then on.
+    ended_evt: EventFd,
 }
 
 impl Control {
@@ -222,6 +225,14 @@ impl VmHandle {
         let _ = self.control.stop_evt.write(1);
     }
 
+    /// A descriptor that becomes readable when the VM has ended (`wait_timeout` then has its
+    /// end): for a watcher that sleeps until then.
+    pub fn end_fd(&self) -> std::io::Result<OwnedFd> {
+        let evt = self.control.ended_evt.try_clone()?;
+        // SAFETY: the clone is a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(evt.into_raw_fd()) })
+    }
+
     /// Waits up to `timeout` for the VM to end; `None` if it is still running.
     pub fn wait_timeout(&mut self, timeout: std::time::Duration) -> Option<VmExit> {
         match self.done.recv_timeout(timeout) {
@@ -288,6 +299,9 @@ impl Vmm {
     ) -> Result<(Arc<Control>, impl FnOnce() -> VmExit), VmmError> {
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         let vcpu_exit_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        // Made before any vCPU starts, so that a failure leaves no thread behind.
+        let control_stop_evt = stop_evt.try_clone().map_err(VmmError::EventFd)?;
+        let ended_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         let (exit_tx, exit_rx) = std::sync::mpsc::channel();
         let Vmm {
             vm,
@@ -317,7 +331,8 @@ impl Vmm {
         }
         let control = Arc::new(Control {
             vcpus: handles,
-            stop_evt: stop_evt.try_clone().map_err(VmmError::EventFd)?,
+            stop_evt: control_stop_evt,
+            ended_evt,
         });
         let result = Arc::new(Mutex::new(None));
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
@@ -346,6 +361,7 @@ impl Vmm {
             let _ = ctl.request_all(VcpuRequest::Stop);
             ctl.vcpus.iter().for_each(VcpuHandle::join);
             let _ = done.send(exit.clone());
+            let _ = ctl.ended_evt.write(1);
             // The VM and its memory outlive every vCPU thread.
             drop((vm, mem));
             exit
