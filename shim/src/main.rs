@@ -8,6 +8,7 @@ mod console;
 mod error;
 mod events;
 mod exporter;
+mod filesync;
 mod lifecycle;
 mod machine;
 mod metrics;

@@ -7,7 +7,6 @@
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use protocol::agent::CopyFileRequest;
 use protocol::blocking::AgentClient;
@@ -18,8 +17,8 @@ use crate::pod::ctx;
 /// Largest file or directory tree copied into the guest (ConfigMaps and Secrets are at
 /// most 1 MiB).
 const MAX_COPY: u64 = 8 << 20;
-/// How often copies are checked against their host source.
-const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// Deepest directory tree copied in (symbolic links are followed and can make loops).
+pub const MAX_DEPTH: usize = 16;
 
 /// A host block device a bind mount names: attached to the VM and mounted by the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +110,11 @@ pub fn rewrite(spec: &mut serde_json::Value, container: &str) -> Result<Needs> {
                 "only files and directories can be copied into the VM".into(),
             ));
         }
-        let size = tree_size(&source);
+        let Some(size) = tree_size(&source, 0) else {
+            return Err(refuse(format!(
+                "its tree is deeper than {MAX_DEPTH} directories (a symbolic link loop?)"
+            )));
+        };
         if size > MAX_COPY {
             return Err(refuse(format!(
                 "{size} bytes is more than the {MAX_COPY} a VM copies in; use a block volume"
@@ -161,44 +164,39 @@ pub fn tmpfs_volume(name: &str) -> String {
     format!("emptydir-{name}")
 }
 
-fn tree_size(p: &Path) -> u64 {
-    match fs::metadata(p) {
-        Ok(m) if m.is_dir() => fs::read_dir(p)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| tree_size(&e.path()))
-            .sum(),
-        Ok(m) => m.len(),
-        Err(_) => 0,
-    }
-}
-
-/// (path, size, mtime) of every file under `p`: what changes when the host updates it.
-fn signature(p: &Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) {
+/// The bytes of the files under `p`, `None` if it is deeper than [`MAX_DEPTH`].
+fn tree_size(p: &Path, depth: usize) -> Option<u64> {
     match fs::metadata(p) {
         Ok(m) if m.is_dir() => {
-            let mut entries: Vec<_> = fs::read_dir(p)
+            if depth >= MAX_DEPTH {
+                return None;
+            }
+            fs::read_dir(p)
                 .into_iter()
                 .flatten()
                 .flatten()
-                .map(|e| e.path())
-                .collect();
-            entries.sort();
-            entries.iter().for_each(|e| signature(e, out));
+                .map(|e| tree_size(&e.path(), depth + 1))
+                .sum()
         }
-        Ok(m) => out.push((
-            p.to_owned(),
-            m.len(),
-            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-        )),
-        Err(_) => {}
+        Ok(m) => Some(m.len()),
+        Err(_) => Some(0),
     }
 }
 
-fn copy_tree(agent: &AgentClient, host: &Path, rel: &str) -> Result<()> {
+/// Copies `host` (a file or a tree) to `/run/kubevirt/files/<rel>` in the VM.
+pub fn copy_tree(agent: &AgentClient, host: &Path, rel: &str) -> Result<()> {
+    copy_below(agent, host, rel, 0)
+}
+
+fn copy_below(agent: &AgentClient, host: &Path, rel: &str, depth: usize) -> Result<()> {
     let meta = fs::metadata(host).map_err(ShimError::io(format!("read {}", host.display())))?;
     if meta.is_dir() {
+        if depth >= MAX_DEPTH {
+            return Err(ShimError::Unsupported(format!(
+                "{}: deeper than {MAX_DEPTH} directories (a symbolic link loop?)",
+                host.display()
+            )));
+        }
         for e in fs::read_dir(host)
             .map_err(ShimError::io(format!("read {}", host.display())))?
             .flatten()
@@ -209,7 +207,7 @@ fn copy_tree(agent: &AgentClient, host: &Path, rel: &str) -> Result<()> {
             if name.starts_with("..") {
                 continue;
             }
-            copy_tree(agent, &e.path(), &format!("{rel}/{name}"))?;
+            copy_below(agent, &e.path(), &format!("{rel}/{name}"), depth + 1)?;
         }
         return Ok(());
     }
@@ -225,43 +223,6 @@ fn copy_tree(agent: &AgentClient, host: &Path, rel: &str) -> Result<()> {
     agent
         .copy_file(ctx(), &req)
         .map_err(ShimError::agent("copy a file into the VM"))?;
-    Ok(())
-}
-
-/// Copies every source in, then keeps the copies current from a thread until `alive`
-/// returns false.
-pub fn copy_and_sync(
-    agent: &AgentClient,
-    copies: Vec<Copy>,
-    alive: impl Fn() -> bool + Send + 'static,
-) -> Result<()> {
-    let mut seen = Vec::new();
-    for c in &copies {
-        copy_tree(agent, &c.host, &c.rel)?;
-        let mut sig = Vec::new();
-        signature(&c.host, &mut sig);
-        seen.push(sig);
-    }
-    if copies.is_empty() {
-        return Ok(());
-    }
-    let agent = agent.clone();
-    std::thread::spawn(move || {
-        while alive() {
-            std::thread::sleep(SYNC_EVERY);
-            for (c, old) in copies.iter().zip(seen.iter_mut()) {
-                let mut sig = Vec::new();
-                signature(&c.host, &mut sig);
-                if sig != *old {
-                    match copy_tree(&agent, &c.host, &c.rel) {
-                        Ok(()) => log::info!("updated {} in the VM", c.host.display()),
-                        Err(e) => log::warn!("update {} in the VM: {e}", c.host.display()),
-                    }
-                    *old = sig;
-                }
-            }
-        }
-    });
     Ok(())
 }
 
@@ -295,6 +256,15 @@ mod tests {
         let e = rewrite(&mut bad, "c1").unwrap_err().to_string();
         assert!(
             e.contains("mount /sock") && e.contains("/nonexistent/x.sock"),
+            "{e}"
+        );
+        // A tree that loops through a symbolic link is refused, not walked for ever.
+        fs::create_dir_all(dir.join("looped")).unwrap();
+        std::os::unix::fs::symlink(".", dir.join("looped/again")).unwrap();
+        let mut looped = serde_json::json!({"mounts": [{"destination": "/l", "type": "bind", "source": dir.join("looped")}]});
+        let e = rewrite(&mut looped, "c1").unwrap_err().to_string();
+        assert!(
+            e.contains("mount /l") && e.contains("symbolic link loop"),
             "{e}"
         );
         let mut dev = serde_json::json!({"mounts": [{"destination": "/null", "type": "bind", "source": "/dev/null"}]});

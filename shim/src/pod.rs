@@ -21,6 +21,7 @@ use crate::cgroup::{self, PodCgroup};
 use crate::config::ShimConfig;
 use crate::console;
 use crate::error::{Result, ShimError};
+use crate::filesync::FileSync;
 use crate::machine::{self, Machine};
 use crate::network::{self, PodNetwork};
 use crate::phases::Phases;
@@ -68,6 +69,8 @@ struct Slot {
 
 pub struct Pod {
     pub agent: AgentClient,
+    /// The files copied into the VM, kept current.
+    pub files: FileSync,
     pub vm_pid: u32,
     pub dir: PathBuf,
     /// The task whose deletion ends the VM (the CRI sandbox, or a lone container).
@@ -268,8 +271,11 @@ impl Pod {
         if let Err(e) = crate::exporter::serve(&p.dir, info) {
             log::warn!("pod {}: no metrics: {e}", p.id);
         }
+        let copier = agent.clone();
+        let files = FileSync::new(move |c| crate::mounts::copy_tree(&copier, &c.host, &c.rel))?;
         let pod = Pod {
             agent,
+            files,
             vm_pid,
             dir: p.dir,
             owner: p.id,
@@ -491,6 +497,7 @@ impl Pod {
     }
 
     pub fn shutdown(&self) {
+        self.files.stop();
         // Listeners and forwarded connections in the pod's namespace go first.
         drop(self.ports.lock().unwrap_or_else(|e| e.into_inner()).take());
         let machine = self

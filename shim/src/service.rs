@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use containerd_shim::api;
@@ -285,7 +284,6 @@ impl TaskService {
             .as_str()
             .filter(|c| !c.is_empty())
             .map(str::to_owned);
-        let alive = Arc::new(AtomicBool::new(true));
         let mut phases = Phases::default();
         let created = (|| {
             pod.set_container_cpus(&req.id, cpus.as_deref())?;
@@ -303,10 +301,7 @@ impl TaskService {
                 image.display(),
                 if cached { "cached" } else { "built" }
             );
-            let flag = alive.clone();
-            mounts::copy_and_sync(&pod.agent, needs.copies, move || {
-                flag.load(Ordering::Relaxed)
-            })?;
+            pod.files.add(&req.id, needs.copies)?;
             for (name, bytes) in &needs.tmpfs {
                 pod.mount_tmpfs(name, *bytes)?;
             }
@@ -344,7 +339,7 @@ impl TaskService {
         let slot = match created {
             Ok(s) => s,
             Err(e) => {
-                alive.store(false, Ordering::Relaxed);
+                pod.files.remove(&req.id);
                 let _ = pod.set_container_cpus(&req.id, None);
                 let _ = fs::remove_dir_all(pod.dir.join(&req.id));
                 if booted {
@@ -366,7 +361,6 @@ impl TaskService {
             bundle: req.bundle.clone(),
             pod,
             slot,
-            alive,
             init: Proc::new("", io, Vec::new()).map_err(ShimError::io("open the process stdin"))?,
             execs: Mutex::default(),
         });
@@ -552,7 +546,7 @@ impl TaskService {
             if let Err(e) = t.pod.agent.remove_container(ctx(), &req) {
                 log::warn!("container {id}: remove in the guest: {e}");
             }
-            t.alive.store(false, Ordering::Relaxed);
+            t.pod.files.remove(id);
             t.pod.detach_image(&t.slot);
             if t.pod.owner != id {
                 if let Err(e) = t.pod.set_container_cpus(id, None) {

@@ -118,8 +118,6 @@ pub struct Task {
     pub pod: Arc<Pod>,
     /// The pod VM's disk slot holding this container's image.
     pub slot: String,
-    /// Cleared at deletion: stops keeping the container's copied files current.
-    pub alive: Arc<std::sync::atomic::AtomicBool>,
     pub init: Arc<Proc>,
     pub execs: Mutex<HashMap<String, Arc<Proc>>>,
 }

@@ -214,6 +214,10 @@ const CONTROL_EXTRA: &[i64] = &[
     libc::SYS_kill,
     libc::SYS_tkill,
     libc::SYS_pidfd_open,
+    // The shim's file sync watches the sources of files it copied into the VM.
+    libc::SYS_inotify_init1,
+    libc::SYS_inotify_add_watch,
+    libc::SYS_inotify_rm_watch,
     libc::SYS_pidfd_send_signal,
     libc::SYS_sched_setaffinity,
     libc::SYS_rt_sigaction,
