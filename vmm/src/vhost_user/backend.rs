@@ -227,7 +227,7 @@ impl VhostUserServer {
 
     /// Ends the session once the frontend is gone (QEMU exited or was killed). A frontend
     /// that never came (QEMU failed to start) is stood in for by an empty connection, which
-    /// ends the relay and the library's session at once.
+    /// ends the relay (where there is one) and the library's session at once.
     pub fn finish(self) {
         let _ = UnixStream::connect(&self.socket);
         self.join();
@@ -244,17 +244,30 @@ pub fn serve(
     socket: &Path,
     seccomp: bool,
 ) -> Result<VhostUserServer, VhostUserError> {
-    // The frontend connects to `socket`, where the relay (see proxy.rs) listens; the
-    // library listens on a private socket beside it, which the relay connects to.
-    let inner = socket.with_extension("lib.sock");
+    // QEMU's virtio-net front breaks the protocol's message order (see proxy.rs): its
+    // frontend connects to `socket`, where the relay listens, and the library listens on a
+    // private socket beside it, which the relay connects to. Other fronts reach the library
+    // directly (two threads per device fewer).
+    let relayed = lock(&device).device_type() == devices::virtio::device_type::NET;
+    let inner = if relayed {
+        socket.with_extension("lib.sock")
+    } else {
+        socket.to_owned()
+    };
     let listen_err = |source| VhostUserError::Listen {
         path: socket.to_owned(),
         source,
     };
     let mut listener = Listener::new(&inner, true).map_err(listen_err)?;
-    let _ = std::fs::remove_file(socket);
-    let public = UnixListener::bind(socket)
-        .map_err(|e| listen_err(vhost::vhost_user::Error::SocketError(e)))?;
+    let public = if relayed {
+        let _ = std::fs::remove_file(socket);
+        Some(
+            UnixListener::bind(socket)
+                .map_err(|e| listen_err(vhost::vhost_user::Error::SocketError(e)))?,
+        )
+    } else {
+        None
+    };
     let session_device = device.clone();
     let thread_name = format!("vu-{name}");
     let log_name = name.to_string();
@@ -302,6 +315,12 @@ pub fn serve(
         let _ = thread.join();
         return Err(e);
     }
+    let Some(public) = public else {
+        return Ok(VhostUserServer {
+            socket: socket.to_owned(),
+            threads: vec![thread],
+        });
+    };
     let relay_name = format!("vu-relay-{name}");
     let log_name = name.to_string();
     let relay = std::thread::Builder::new()
@@ -328,4 +347,37 @@ pub fn serve(
         socket: socket.to_owned(),
         threads: vec![thread, relay],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use vmm_sys_util::tempdir::TempDir;
+
+    /// Served without the relay (only virtio-net needs it): one socket, and a server
+    /// whose frontend never came ends and leaves nothing in its directory.
+    #[test]
+    fn a_server_without_a_frontend_finishes_and_leaves_nothing() {
+        let dir = TempDir::new_with_prefix("/tmp/kv-vu-").unwrap();
+        let socket = dir.as_path().join("rng.sock");
+        let rng = Arc::new(Mutex::new(devices::rng::Rng::new()));
+        let server = serve("rng", rng, &socket, false).unwrap();
+        let listed = || -> Vec<_> {
+            std::fs::read_dir(dir.as_path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect()
+        };
+        assert_eq!(listed(), ["rng.sock"]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            server.finish();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("finish returns");
+        assert!(listed().is_empty(), "left: {:?}", listed());
+    }
 }

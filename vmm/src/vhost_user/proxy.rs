@@ -5,7 +5,7 @@
 //! protocol error and drops the connection, leaving the guest a NIC that moves nothing.
 //! The relay forwards every message both ways with its file descriptors; it acknowledges
 //! such an early SET_VRING_ENABLE itself and hands it to the library right after
-//! SET_FEATURES, where the protocol allows it.
+//! SET_FEATURES, where the protocol allows it. Only virtio-net's connection goes through it.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
