@@ -47,6 +47,9 @@ pub struct CreateOptions<'a> {
     pub image_serial: &'a str,
     pub scratch_serial: &'a str,
     pub stdin: bool,
+    /// A running container whose init's PID namespace a PID namespace path means, instead
+    /// of the pod's (`kubectl debug --target`); empty for the pod's.
+    pub pid_namespace_of: &'a str,
 }
 
 #[derive(Debug)]
@@ -136,6 +139,20 @@ impl Containers {
             .ok_or_else(|| AgentError::NoContainer(id.to_owned()))
     }
 
+    /// The PID namespace of container `id`'s init, which must be running.
+    fn pid_namespace_of(&self, id: &str) -> Result<PathBuf> {
+        let pid = self.process(id, "")?.pid;
+        let ns = PathBuf::from(format!("/proc/{pid}/ns/pid"));
+        // A process that has exited has no namespaces left (a zombie's links are gone).
+        fs::read_link(&ns).map_err(|_| {
+            AgentError::invalid(
+                "PID namespace",
+                format!("container {id}, whose namespace was asked for, is not running"),
+            )
+        })?;
+        Ok(ns)
+    }
+
     pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
         let c = self.get(id)?;
         let p = c
@@ -220,7 +237,11 @@ impl Containers {
     ) -> Result<(Runtime, Process)> {
         let emptydir = rootfs.emptydir();
         let spec = spec::prepare(o.spec_json, o.id, &rootfs.path, &emptydir, || {
-            self.pod_init.pid_namespace()
+            if o.pid_namespace_of.is_empty() {
+                self.pod_init.pid_namespace()
+            } else {
+                self.pid_namespace_of(o.pid_namespace_of)
+            }
         })?;
         let terminal = spec
             .process()

@@ -72,6 +72,7 @@ impl Agent for AgentService {
             image_serial: &rootfs.image_device_id,
             scratch_serial: &rootfs.scratch_device_id,
             stdin: r.stdin,
+            pid_namespace_of: &r.pid_namespace_of,
         })?;
         Ok(Empty::new())
     }

@@ -15,6 +15,18 @@ fn namespaces(spec: &Value) -> impl Iterator<Item = &Value> {
     spec["linux"]["namespaces"].as_array().into_iter().flatten()
 }
 
+/// The PID of a spec's PID namespace path (`/proc/<pid>/ns/pid`): containerd names the
+/// namespace of a task by the PID the task reported, here its guest PID, so this tells the
+/// sandbox's (the pod's namespace) from a debug target's (`kubectl debug --target`).
+pub fn joined_pid(spec: &Value) -> Option<u32> {
+    namespaces(spec).find(|ns| ns["type"] == "pid")?["path"]
+        .as_str()?
+        .strip_prefix("/proc/")?
+        .strip_suffix("/ns/pid")?
+        .parse()
+        .ok()
+}
+
 /// Leaves a container of a hostPID pod in the VM's PID namespace.
 pub fn use_the_vms(spec: &mut Value) {
     if let Some(list) = spec["linux"]["namespaces"].as_array_mut() {
@@ -37,6 +49,16 @@ mod tests {
             host_pid(&json!({})),
             "a spec with no namespaces shares them all"
         );
+    }
+
+    #[test]
+    fn the_pid_of_a_joined_namespace_is_read_from_its_path() {
+        let joined = json!({"linux": {"namespaces": [{"type": "mount"}, {"type": "pid", "path": "/proc/57/ns/pid"}]}});
+        assert_eq!(joined_pid(&joined), Some(57));
+        let own = json!({"linux": {"namespaces": [{"type": "pid"}]}});
+        assert_eq!(joined_pid(&own), None);
+        let odd = json!({"linux": {"namespaces": [{"type": "pid", "path": "/run/netns/x"}]}});
+        assert_eq!(joined_pid(&odd), None);
     }
 
     #[test]

@@ -191,6 +191,16 @@ impl TaskService {
             .ok_or_else(|| ShimError::NotFound(format!("container {id}")))
     }
 
+    /// The running container of pod `owner` (not its sandbox) whose init reported `pid`.
+    fn container_with_pid(&self, pid: u32, owner: &str) -> Option<String> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|t| t.id != owner && t.init.pid() == pid && t.init.status() == Status::Running)
+            .map(|t| t.id.clone())
+    }
+
     pub(crate) fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Task>, Arc<Proc>)> {
         let t = self.task(id)?;
         let p = t
@@ -284,6 +294,11 @@ impl TaskService {
             .as_str()
             .filter(|c| !c.is_empty())
             .map(str::to_owned);
+        // A PID namespace path names the sandbox's (the pod's namespace) or, for
+        // `kubectl debug --target`, the target container's.
+        let pid_namespace_of = crate::pidns::joined_pid(&spec)
+            .and_then(|pid| self.container_with_pid(pid, &pod.owner))
+            .unwrap_or_default();
         let mut phases = Phases::default();
         let created = (|| {
             pod.set_container_cpus(&req.id, cpus.as_deref())?;
@@ -327,6 +342,7 @@ impl TaskService {
                     ..Default::default()
                 }),
                 stdin: !req.stdin.is_empty(),
+                pid_namespace_of: pid_namespace_of.clone(),
                 ..Default::default()
             };
             if let Err(e) = pod.agent.create_container(ctx(), &create) {

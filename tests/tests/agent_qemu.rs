@@ -432,6 +432,25 @@ fn malformed_requests_are_refused_clearly_and_the_agent_keeps_serving() {
         Code::FAILED_PRECONDITION,
         "no block device with serial \"nosuchdisk\"",
     );
+    // A debug target that is not a container of the pod.
+    let joins =
+        serde_json::json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/7/ns/pid"}]}});
+    let targeted = CreateContainerRequest {
+        container_id: "c".into(),
+        oci_spec: spec(&["true"], joins),
+        rootfs: protobuf::MessageField::some(Rootfs {
+            image_device_id: "img".into(),
+            scratch_device_id: "s0".into(),
+            ..Default::default()
+        }),
+        pid_namespace_of: "ghost".into(),
+        ..Default::default()
+    };
+    refused(
+        a.create_container(ctx(), &targeted).map(drop),
+        Code::NOT_FOUND,
+        "container \"ghost\" not found",
+    );
     let copy = CopyFileRequest {
         path: "../../etc/passwd".into(),
         data: b"x".to_vec(),

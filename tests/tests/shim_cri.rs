@@ -441,6 +441,68 @@ fn share_process_namespace_shows_pause_as_pid_1_and_hides_the_agent() {
     cri.remove_pod(&pod).unwrap();
 }
 
+/// `kubectl debug --target=app`: kubelet creates the debug container with the TARGET PID
+/// mode and containerd gives it the path of the namespace of the PID `app` reported. It
+/// sees `app`'s processes, `app`'s init as its PID 1, and neither `pause` nor the agent.
+#[test]
+fn a_debug_container_with_a_target_shares_the_targets_pid_namespace() {
+    let (_ns, c, mut cri) = cri_env("kvcritgt");
+    let logs = c.dir.join("pod-logs");
+    fs::create_dir_all(&logs).unwrap();
+    let mut cfg = pod_config("debugtarget", &logs);
+    cfg.linux = Some(cri::v1::LinuxPodSandboxConfig {
+        security_context: Some(cri::v1::LinuxSandboxSecurityContext {
+            namespace_options: pid_mode(cri::v1::NamespaceMode::Container),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod = cri
+        .run_pod(cfg.clone())
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", tail(&c.log(), 40)));
+    let mut start = |name: &str, seconds: &str, ns: Option<cri::v1::NamespaceOption>| {
+        let mut ctr = container_config(name, IMAGE, &["sleep", seconds], vec![]);
+        ctr.linux = Some(cri::v1::LinuxContainerConfig {
+            security_context: Some(cri::v1::LinuxContainerSecurityContext {
+                namespace_options: ns,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = cri
+            .create_container(&pod, ctr, &cfg)
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", tail(&c.log(), 40)));
+        cri.start_container(&id).unwrap();
+        id
+    };
+    let app = start("app", "1005", pid_mode(cri::v1::NamespaceMode::Container));
+    let target = Some(cri::v1::NamespaceOption {
+        pid: cri::v1::NamespaceMode::Target as i32,
+        target_id: app.clone(),
+        ..Default::default()
+    });
+    let debug = start("debug", "1006", target);
+    let list =
+        "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(cat $p/cmdline | tr '\\0' ' ')\"; done";
+    for (who, id) in [("debug", &debug), ("app", &app)] {
+        let r = cri.exec_sync(id, &["sh", "-c", list]).unwrap();
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines.contains(&"1 sleep 1005 "), "{who} sees: {out}");
+        assert!(
+            lines.iter().any(|l| l.ends_with(" sleep 1006 ")),
+            "{who} sees: {out}"
+        );
+        assert!(
+            !out.contains("pause") && !out.contains("init"),
+            "{who} sees: {out}"
+        );
+    }
+    cri.stop_pod(&pod).unwrap();
+    cri.remove_pod(&pod).unwrap();
+}
+
 #[test]
 fn kubectl_exec_and_attach_stream_with_a_terminal_and_resize() {
     use tests::stream::{Stream, STDIN};
