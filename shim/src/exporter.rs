@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -251,9 +251,17 @@ pub fn render(info: &VmInfo) -> String {
     f.text()
 }
 
+/// How long a client may take to send its request and take the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of a request head read; what follows is not.
+const MAX_REQUEST: u64 = 8 << 10;
+/// Clients answered at once by the node's exporter; more are closed at once (a scraper
+/// needs one, and a stuck client holds only its own).
+const MAX_CLIENTS: usize = 8;
+
 fn respond(mut conn: impl Read + Write, body: &str) {
     // Read the request head; whatever it asks, the answer is the metrics.
-    let mut r = BufReader::new(&mut conn);
+    let mut r = BufReader::new((&mut conn).take(MAX_REQUEST));
     let mut line = String::new();
     while r.read_line(&mut line).is_ok_and(|n| n > 2) {
         line.clear();
@@ -272,6 +280,8 @@ pub fn serve(dir: &Path, info: VmInfo) -> Result<()> {
         UnixListener::bind(&path).map_err(ShimError::io(format!("bind {}", path.display())))?;
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(CLIENT_TIMEOUT));
+            let _ = conn.set_write_timeout(Some(CLIENT_TIMEOUT));
             respond(conn, &render(&info));
         }
     });
@@ -296,23 +306,50 @@ pub fn aggregate(listen: &str, state_dir: &Path) -> Result<()> {
         "kubevirt-shim metrics: http://{addr}/metrics, pods under {}",
         state_dir.display()
     );
-    for conn in l.incoming().flatten() {
-        let mut families = Families::default();
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(state_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
-        dirs.sort();
-        for d in dirs {
-            if let Some(b) = scrape(&d.join(SOCKET)) {
-                families.merge_text(&b);
-            }
-        }
-        respond(conn, &families.text());
-    }
+    serve_node(l, state_dir);
     Ok(())
+}
+
+/// Answers each client on a thread of its own (at most [`MAX_CLIENTS`]), with every pod's
+/// metrics gathered when it asks.
+fn serve_node(l: TcpListener, state_dir: &Path) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    for conn in l.incoming().flatten() {
+        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            clients.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        let (mine, state_dir) = (clients.clone(), state_dir.to_owned());
+        let answered = std::thread::Builder::new()
+            .name("metrics-client".into())
+            .spawn(move || {
+                let _ = conn.set_read_timeout(Some(CLIENT_TIMEOUT));
+                let _ = conn.set_write_timeout(Some(CLIENT_TIMEOUT));
+                respond(conn, &node_metrics(&state_dir));
+                mine.fetch_sub(1, Ordering::SeqCst);
+            });
+        if answered.is_err() {
+            clients.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The metrics of every pod whose shim answers under `state_dir`.
+fn node_metrics(state_dir: &Path) -> String {
+    let mut families = Families::default();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    for d in dirs {
+        if let Some(b) = scrape(&d.join(SOCKET)) {
+            families.merge_text(&b);
+        }
+    }
+    families.text()
 }
 
 /// `metrics [--listen ADDR] [--state-dir DIR]`; the exit code.
@@ -384,6 +421,55 @@ mod tests {
             t.contains("kubevirt_vm_exits_total{pod=\"we\\\"b\",vcpu=\"0\"} 7\n"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_stuck_or_endless_client_does_not_keep_others_from_the_metrics() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/kv-exporter-").unwrap();
+        let pod = dir.as_path().join("pod1");
+        std::fs::create_dir_all(&pod).unwrap();
+        let info = VmInfo {
+            labels: label("pod", "one"),
+            machine: "qemu".into(),
+            boot_seconds: 1.0,
+            memory_mib: 128,
+            vcpus: 1,
+            pids: vec![std::process::id()],
+            netns: None,
+            devices: Default::default(),
+            exits: Vec::new(),
+        };
+        serve(&pod, info).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let state = dir.as_path().to_owned();
+        std::thread::spawn(move || serve_node(l, &state));
+        let get = || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            text
+        };
+        // One client that says nothing, one that never ends its request line.
+        let _idle = std::net::TcpStream::connect(addr).unwrap();
+        let mut endless = std::net::TcpStream::connect(addr).unwrap();
+        let flood = std::thread::spawn(move || {
+            let junk = vec![b'a'; 64 << 10];
+            // Ends when the exporter stops reading and closes the connection.
+            while endless.write_all(&junk).is_ok() {}
+        });
+        let t0 = std::time::Instant::now();
+        let text = get();
+        assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+        assert!(text.contains("kubevirt_vm_vcpus{pod=\"one\"} 1"), "{text}");
+        assert!(
+            t0.elapsed() < CLIENT_TIMEOUT,
+            "answered after {:?}",
+            t0.elapsed()
+        );
+        flood.join().unwrap();
     }
 
     #[test]
