@@ -306,6 +306,12 @@ pub fn aggregate(listen: &str, state_dir: &Path) -> Result<()> {
         "kubevirt-shim metrics: http://{addr}/metrics, pods under {}",
         state_dir.display()
     );
+    // Clients come from the network: from here on (and on every client's thread) only what
+    // answering them takes.
+    vmm::seccomp::install(vmm::seccomp::ThreadKind::Exporter).map_err(|e| ShimError::Command {
+        what: "confining the metrics exporter".into(),
+        why: e.to_string(),
+    })?;
     serve_node(l, state_dir);
     Ok(())
 }

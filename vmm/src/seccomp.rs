@@ -43,6 +43,10 @@ pub enum ThreadKind {
     /// unconfined spawner thread), no ptrace, BPF, perf, module, key, kexec, io_uring,
     /// userfaultfd, file-handle, pivot_root or identity calls.
     Control,
+    /// The node's metrics exporter (`containerd-shim-kubevirt-v1 metrics`), whose clients
+    /// come from the network: a thread per client, the pods' metrics sockets, the state
+    /// directory read.
+    Exporter,
 }
 
 impl ThreadKind {
@@ -53,6 +57,7 @@ impl ThreadKind {
             Self::Device => "vhost-user device",
             Self::DiskIo => "disk I/O",
             Self::Control => "shim control",
+            Self::Exporter => "metrics exporter",
         }
     }
 }
@@ -267,6 +272,10 @@ fn ioctl_rule(request: u64) -> Result<SeccompRule, seccompiler::BackendError> {
     )?])
 }
 
+/// The metrics exporter lists the state directory and starts a thread per client (glibc
+/// sets its cancellation handler up as it makes the first).
+const EXPORTER_EXTRA: &[i64] = &[libc::SYS_getdents64, libc::SYS_rt_sigaction];
+
 /// The system calls a kind of thread may make with any arguments (`ioctl` and `openat`
 /// come on top, with conditions).
 fn allowed(kind: ThreadKind) -> impl Iterator<Item = i64> {
@@ -277,6 +286,7 @@ fn allowed(kind: ThreadKind) -> impl Iterator<Item = i64> {
         ThreadKind::Device => &[VMM_EXTRA, DISK_IO_EXTRA, DEVICE_EXTRA],
         ThreadKind::DiskIo => &[DISK_IO_EXTRA],
         ThreadKind::Control => &[VMM_EXTRA, DISK_IO_EXTRA, DEVICE_EXTRA, CONTROL_EXTRA],
+        ThreadKind::Exporter => &[VMM_EXTRA, DEVICE_EXTRA, EXPORTER_EXTRA],
     };
     COMMON
         .iter()
@@ -297,6 +307,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let ioctls = match kind {
         ThreadKind::Vcpu => vec![KVM_RUN, KVM_GET_REGS, TUNSETOFFLOAD, FIONBIO],
         ThreadKind::Vmm | ThreadKind::Device => vec![TUNSETOFFLOAD, FIONBIO],
+        ThreadKind::Exporter => vec![FIONBIO],
         ThreadKind::DiskIo => vec![BLKDISCARD],
         ThreadKind::Control => vec![],
     };
@@ -383,12 +394,13 @@ mod tests {
         status
     }
 
-    const ALL: [ThreadKind; 5] = [
+    const ALL: [ThreadKind; 6] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Device,
         ThreadKind::DiskIo,
         ThreadKind::Control,
+        ThreadKind::Exporter,
     ];
 
     #[test]
@@ -490,6 +502,31 @@ mod tests {
             unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
         });
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
+    }
+
+    #[test]
+    fn the_exporter_may_not_signal_mount_or_enter_namespaces() {
+        let forbidden: [fn(); 3] = [
+            // SAFETY: each call is harmless if it ran; the filter stops it first.
+            || unsafe {
+                libc::kill(std::process::id() as i32, 0);
+            },
+            // SAFETY: as above (an unshare of nothing).
+            || unsafe {
+                libc::unshare(0);
+            },
+            // SAFETY: as above (an invalid descriptor).
+            || unsafe {
+                libc::setns(-1, 0);
+            },
+        ];
+        for f in forbidden {
+            let status = in_child(ThreadKind::Exporter, f);
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "status {status}"
+            );
+        }
     }
 
     #[test]
