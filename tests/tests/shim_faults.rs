@@ -229,16 +229,23 @@ fn a_killed_vmm_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
     );
     for kind in [
         "vu-vsock",
-        "vu-relay-blk",
+        "vu-relay-net",
         "blk-scratch",
         "vring_worker",
         "client_handler",
+        "vm-watch",
+        "file-sync",
     ] {
         assert!(
             confined.iter().any(|c| c.starts_with(kind)),
             "no confined {kind} thread in {confined:?}"
         );
     }
+    // Only virtio-net's vhost-user connection needs the relay.
+    assert!(
+        !confined.iter().any(|c| c.starts_with("vu-relay-blk")),
+        "{confined:?}"
+    );
     let killed = Command::new("pkill")
         .args(["-9", "-f", &format!("qemu-system.*{}", c.dir.display())])
         .status()
