@@ -31,6 +31,17 @@ impl AgentClient {
             client: crate::agent_ttrpc_async::AgentClient::new(client(stream)?),
         })
     }
+
+    /// The same connection's async client, for tasks on [`handle`]'s runtime (long polls
+    /// that would otherwise each hold a thread).
+    pub fn asynchronous(&self) -> crate::agent_ttrpc_async::AgentClient {
+        self.client.clone()
+    }
+}
+
+/// The runtime that serves the connections, to spawn tasks on.
+pub fn handle() -> std::io::Result<tokio::runtime::Handle> {
+    runtime().map(|rt| rt.handle().clone())
 }
 
 include!(concat!(env!("OUT_DIR"), "/blocking_methods.rs"));

@@ -77,6 +77,52 @@ pub struct TaskService {
     create_lock: Mutex<()>,
 }
 
+/// Records how a process ended and tells containerd (once its output is all delivered).
+fn report_exit(
+    publisher: &Publisher,
+    ns: &str,
+    task: &Task,
+    p: &Proc,
+    waited: protocol::ttrpc::Result<protocol::agent::WaitResponse>,
+    drained: std::time::Duration,
+) {
+    let exit = match waited {
+        Ok(w) => ExitInfo {
+            status: w.exit_status as u32,
+            at_unix_ns: w.exited_at_unix_ns,
+        },
+        Err(e) => {
+            log::warn!("container {}: wait {}: {e}", task.id, p.exec_id);
+            ExitInfo {
+                status: 255,
+                at_unix_ns: now_ns(),
+            }
+        }
+    };
+    p.stdin.request_close(); // nothing reads it any more: end the stdin pump
+    log::info!(
+        "container {}: process {:?} exited with {}, output drained in {:.1} ms",
+        task.id,
+        p.exec_id,
+        exit.status,
+        drained.as_secs_f64() * 1e3
+    );
+    p.exit(exit);
+    let ev = TaskExit {
+        container_id: task.id.clone(),
+        id: if p.exec_id.is_empty() {
+            task.id.clone()
+        } else {
+            p.exec_id.clone()
+        },
+        pid: p.pid(),
+        exit_status: exit.status,
+        exited_at: timestamp(exit.at_unix_ns),
+        ..Default::default()
+    };
+    publish(publisher, ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+}
+
 pub(crate) fn publish(p: &Publisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
     if let Err(e) = p.publish(ns, topic, &*event) {
         log::warn!("{e}");
@@ -260,7 +306,9 @@ impl TaskService {
             Ok(p) => {
                 log::info!("pod {}: boot phases: {}", req.id, phases.line());
                 let p = Arc::new(p);
-                self.watch_oom(&p);
+                if let Err(e) = self.watch_oom(&p) {
+                    log::warn!("pod {}: no OOM events: {e}", req.id);
+                }
                 *pod = Some(p.clone());
                 Ok((p, true))
             }
@@ -395,22 +443,29 @@ impl TaskService {
         }
     }
 
-    fn watch_oom(&self, pod: &Arc<Pod>) {
-        let agent = pod.agent.clone();
+    /// Passes the guest's OOM kills on as events, from a task on the agent connection's
+    /// runtime that ends with the connection.
+    fn watch_oom(&self, pod: &Arc<Pod>) -> Result<()> {
+        let agent = pod.agent.asynchronous();
         let publisher = self.publisher.clone();
         let ns = self.namespace.clone();
-        std::thread::spawn(move || {
-            while let Ok(ev) = agent.get_oom_event(
-                protocol::ttrpc::context::Context::default(),
-                &Default::default(),
-            ) {
+        let rt = protocol::blocking::handle().map_err(ShimError::io("watch for OOM kills"))?;
+        rt.spawn(async move {
+            let ctx = protocol::ttrpc::context::Context::default;
+            while let Ok(ev) = agent.get_oom_event(ctx(), &Default::default()).await {
+                let (publisher, ns) = (publisher.clone(), ns.clone());
                 let oom = TaskOOM {
                     container_id: ev.container_id,
                     ..Default::default()
                 };
-                publish(&publisher, &ns, topics::TASK_OOM_EVENT_TOPIC, Box::new(oom));
+                // Publishing blocks: off the runtime's thread.
+                let _ = tokio::task::spawn_blocking(move || {
+                    publish(&publisher, &ns, topics::TASK_OOM_EVENT_TOPIC, Box::new(oom))
+                })
+                .await;
             }
         });
+        Ok(())
     }
 
     pub(crate) fn start_process(&self, t: &Arc<Task>, p: &Arc<Proc>) -> Result<u32> {
@@ -445,59 +500,34 @@ impl TaskService {
             phases.mark("agent start");
             log::info!("container {}: start phases: {}", t.id, phases.line());
         }
-        let pumps = Pumps::start(agent, &t.id, &p.exec_id, &p.io, &p.stdin);
-        // Exit is reported after the output reached containerd, so nothing is cut off.
+        let pumps = Pumps::start(agent, &t.id, &p.exec_id, &p.io, &p.stdin)
+            .map_err(ShimError::io("start copying the process's output"))?;
+        // Exit is reported after the output reached containerd, so nothing is cut off. The
+        // wait is a task on the agent connection's runtime (no thread held for the
+        // process's life); what follows blocks, so it runs off the runtime's thread.
         let (agent, publisher, ns, task, proc_) = (
-            agent.clone(),
+            agent.asynchronous(),
             self.publisher.clone(),
             self.namespace.clone(),
             t.clone(),
             p.clone(),
         );
-        std::thread::spawn(move || {
+        let rt = protocol::blocking::handle().map_err(ShimError::io("wait for the process"))?;
+        rt.spawn(async move {
             let req = ProcessRequest {
                 container_id: task.id.clone(),
                 exec_id: proc_.exec_id.clone(),
                 ..Default::default()
             };
-            let exit = match agent.wait_process(protocol::ttrpc::context::Context::default(), &req)
-            {
-                Ok(w) => ExitInfo {
-                    status: w.exit_status as u32,
-                    at_unix_ns: w.exited_at_unix_ns,
-                },
-                Err(e) => {
-                    log::warn!("container {}: wait {}: {e}", task.id, proc_.exec_id);
-                    ExitInfo {
-                        status: 255,
-                        at_unix_ns: now_ns(),
-                    }
-                }
-            };
+            let waited = agent
+                .wait_process(protocol::ttrpc::context::Context::default(), &req)
+                .await;
             let ended = std::time::Instant::now();
-            pumps.finish();
-            proc_.stdin.request_close(); // nothing reads it any more: end the stdin pump
-            log::info!(
-                "container {}: process {:?} exited with {}, output drained in {:.1} ms",
-                task.id,
-                proc_.exec_id,
-                exit.status,
-                ended.elapsed().as_secs_f64() * 1e3
-            );
-            proc_.exit(exit);
-            let ev = TaskExit {
-                container_id: task.id.clone(),
-                id: if proc_.exec_id.is_empty() {
-                    task.id.clone()
-                } else {
-                    proc_.exec_id.clone()
-                },
-                pid: proc_.pid(),
-                exit_status: exit.status,
-                exited_at: timestamp(exit.at_unix_ns),
-                ..Default::default()
-            };
-            publish(&publisher, &ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+            pumps.finish().await;
+            let drained = ended.elapsed();
+            tokio::task::spawn_blocking(move || {
+                report_exit(&publisher, &ns, &task, &proc_, waited, drained)
+            });
         });
         Ok(guest_pid)
     }

@@ -2,17 +2,19 @@
 //! always drained, also without a reader, so a container never blocks on a full pipe.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use protocol::agent::ReadStreamRequest;
+use protocol::agent_ttrpc_async::AgentClient as AsyncAgentClient;
 use protocol::blocking::AgentClient;
 use protocol::ttrpc::context;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+use tokio::task::JoinHandle;
 
 use crate::stdin::Stdin;
 
@@ -28,7 +30,7 @@ pub struct StdioPaths {
     pub terminal: bool,
 }
 
-/// The copying threads of one process; the output ones end at the process's end of stream.
+/// The copying tasks of one process's output; they end at the process's end of stream.
 #[derive(Debug, Default)]
 pub struct Pumps {
     outputs: Vec<JoinHandle<()>>,
@@ -72,89 +74,93 @@ fn open_fifo_for_writing(path: &str) -> Option<File> {
 
 /// Where a process's output goes. When containerd's reader goes away (a containerd restart)
 /// output is dropped, not queued, and the FIFO is reopened once a reader is back: the
-/// restarted containerd's, which picks up the logs of running containers.
+/// restarted containerd's, which picks up the logs of running containers. Writes wait for
+/// the reader (a slow one slows the process) without holding a thread.
 struct Sink {
     path: String,
-    file: Option<File>,
+    pipe: Option<pipe::Sender>,
     retry_at: Instant,
 }
 
 impl Sink {
-    fn write(&mut self, data: &[u8]) {
-        if self.file.is_none() && !self.path.is_empty() && Instant::now() >= self.retry_at {
+    /// Must run in the runtime's context (the FIFO is registered with it).
+    fn new(path: String, file: Option<File>) -> Sink {
+        Sink {
+            pipe: file.and_then(|f| pipe::Sender::from_file(f).ok()),
+            path,
+            retry_at: Instant::now(),
+        }
+    }
+
+    async fn write(&mut self, data: &[u8]) {
+        if self.pipe.is_none() && !self.path.is_empty() && Instant::now() >= self.retry_at {
             // Opens only where a reader is (ENXIO otherwise); a second between tries.
             self.retry_at = Instant::now() + Duration::from_secs(1);
-            self.file = open_where_read(&self.path).ok();
+            self.pipe = open_where_read(&self.path)
+                .ok()
+                .and_then(|f| pipe::Sender::from_file(f).ok());
         }
-        if let Some(f) = self.file.as_mut() {
-            if f.write_all(data).is_err() {
-                self.file = None; // the reader went away: keep draining
+        if let Some(p) = self.pipe.as_mut() {
+            if p.write_all(data).await.is_err() {
+                self.pipe = None; // the reader went away: keep draining
             }
         }
     }
 }
 
-fn pump_output(
-    agent: AgentClient,
-    container: String,
-    exec_id: String,
-    path: String,
+async fn pump_output(
+    agent: AsyncAgentClient,
+    req: ReadStreamRequest,
+    mut sink: Sink,
     stderr: bool,
-) -> JoinHandle<()> {
-    let mut sink = Sink {
-        file: open_fifo_for_writing(&path),
-        path,
-        retry_at: Instant::now(),
-    };
-    std::thread::spawn(move || {
-        let req = ReadStreamRequest {
-            container_id: container,
-            exec_id,
-            max_len: CHUNK,
-            ..Default::default()
+) {
+    loop {
+        let r = if stderr {
+            agent.read_stderr(context::Context::default(), &req).await
+        } else {
+            agent.read_stdout(context::Context::default(), &req).await
         };
-        loop {
-            let r = if stderr {
-                agent.read_stderr(context::Context::default(), &req)
-            } else {
-                agent.read_stdout(context::Context::default(), &req)
-            };
-            let data = match r {
-                Ok(r) if !r.data.is_empty() => r.data,
-                Ok(_) => return,
-                Err(e) => {
-                    log::warn!("{}/{}: output stream: {e}", req.container_id, req.exec_id);
-                    return;
-                }
-            };
-            sink.write(&data);
-        }
-    })
+        let data = match r {
+            Ok(r) if !r.data.is_empty() => r.data,
+            Ok(_) => return,
+            Err(e) => {
+                log::warn!("{}/{}: output stream: {e}", req.container_id, req.exec_id);
+                return;
+            }
+        };
+        sink.write(&data).await;
+    }
 }
 
 impl Pumps {
+    /// Output is copied by tasks on the agent connection's runtime; stdin by a thread of
+    /// its own (see `stdin.rs`).
     pub fn start(
         agent: &AgentClient,
         container: &str,
         exec_id: &str,
         io: &StdioPaths,
         stdin: &Arc<Stdin>,
-    ) -> Pumps {
-        let mut outputs = vec![pump_output(
-            agent.clone(),
-            container.into(),
-            exec_id.into(),
-            io.stdout.clone(),
-            false,
-        )];
+    ) -> std::io::Result<Pumps> {
+        let rt = protocol::blocking::handle()?;
+        let mut outputs = Vec::new();
+        let mut streams = vec![(io.stdout.clone(), false)];
         if !io.terminal {
-            outputs.push(pump_output(
-                agent.clone(),
-                container.into(),
-                exec_id.into(),
-                io.stderr.clone(),
-                true,
-            ));
+            streams.push((io.stderr.clone(), true));
+        }
+        for (path, stderr) in streams {
+            // Opened here, while containerd waits on the request (see open_fifo_for_writing).
+            let file = open_fifo_for_writing(&path);
+            let req = ReadStreamRequest {
+                container_id: container.into(),
+                exec_id: exec_id.into(),
+                max_len: CHUNK,
+                ..Default::default()
+            };
+            let agent = agent.asynchronous();
+            outputs.push(rt.spawn(async move {
+                pump_output(agent, req, Sink::new(path, file), stderr).await
+            }));
         }
         crate::stdin::pump(
             agent.clone(),
@@ -162,20 +168,20 @@ impl Pumps {
             exec_id.into(),
             stdin.clone(),
         );
-        Pumps { outputs }
+        Ok(Pumps { outputs })
     }
 
     /// Waits until all output has reached containerd.
-    pub fn finish(self) {
+    pub async fn finish(self) {
         for t in self.outputs {
-            let _ = t.join();
+            let _ = t.await;
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read;
+    use std::io::{Read, Write};
 
     use nix::sys::stat::Mode;
     use nix::unistd::mkfifo;
@@ -203,20 +209,17 @@ mod tests {
     #[test]
     fn output_resumes_once_a_reader_is_back() {
         let (dir, path) = fifo("back");
-        let mut sink = Sink {
-            file: open_fifo_for_writing(&path),
-            path: path.clone(),
-            retry_at: Instant::now(),
-        };
-        sink.write(b"lost");
-        assert!(sink.file.is_none(), "no reader: the FIFO is let go");
+        let rt = protocol::blocking::handle().unwrap();
+        let mut sink = rt.block_on(async { Sink::new(path.clone(), open_fifo_for_writing(&path)) });
+        rt.block_on(sink.write(b"lost"));
+        assert!(sink.pipe.is_none(), "no reader: the FIFO is let go");
         let mut r = OpenOptions::new()
             .read(true)
             .custom_flags(nix::libc::O_NONBLOCK)
             .open(&path)
             .unwrap();
         sink.retry_at = Instant::now();
-        sink.write(b"again");
+        rt.block_on(sink.write(b"again"));
         drop(sink);
         let mut got = String::new();
         r.read_to_string(&mut got).unwrap();
