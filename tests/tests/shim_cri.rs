@@ -385,15 +385,19 @@ fn pid_mode(mode: cri::v1::NamespaceMode) -> Option<cri::v1::NamespaceOption> {
     })
 }
 
-#[test]
-fn share_process_namespace_shows_pause_as_pid_1_and_hides_the_agent() {
-    let (_ns, c, mut cri) = cri_env("kvcripid");
+/// A pod whose sandbox has the PID namespace in `mode`: (its id, its config).
+fn pod_with_pid_mode(
+    cri: &mut cri::Cri,
+    c: &Containerd,
+    name: &str,
+    mode: cri::v1::NamespaceMode,
+) -> (String, cri::v1::PodSandboxConfig) {
     let logs = c.dir.join("pod-logs");
     fs::create_dir_all(&logs).unwrap();
-    let mut cfg = pod_config("sharedpid", &logs);
+    let mut cfg = pod_config(name, &logs);
     cfg.linux = Some(cri::v1::LinuxPodSandboxConfig {
         security_context: Some(cri::v1::LinuxSandboxSecurityContext {
-            namespace_options: pid_mode(cri::v1::NamespaceMode::Pod),
+            namespace_options: pid_mode(mode),
             ..Default::default()
         }),
         ..Default::default()
@@ -401,29 +405,61 @@ fn share_process_namespace_shows_pause_as_pid_1_and_hides_the_agent() {
     let pod = cri
         .run_pod(cfg.clone())
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", tail(&c.log(), 40)));
+    (pod, cfg)
+}
+
+/// Starts container `name` of `pod` sleeping `seconds`, with namespace options `ns`.
+fn start_sleeper(
+    cri: &mut cri::Cri,
+    c: &Containerd,
+    (pod, cfg): (&str, &cri::v1::PodSandboxConfig),
+    name: &str,
+    seconds: &str,
+    ns: Option<cri::v1::NamespaceOption>,
+) -> String {
+    let mut ctr = container_config(name, IMAGE, &["sleep", seconds], vec![]);
+    ctr.linux = Some(cri::v1::LinuxContainerConfig {
+        security_context: Some(cri::v1::LinuxContainerSecurityContext {
+            namespace_options: ns,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = cri
+        .create_container(pod, ctr, cfg)
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", tail(&c.log(), 40)));
+    cri.start_container(&id).unwrap();
+    id
+}
+
+/// "PID command line" of every process container `id` sees.
+fn processes_seen_by(cri: &mut cri::Cri, id: &str) -> String {
+    let list =
+        "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(cat $p/cmdline | tr '\\0' ' ')\"; done";
+    let r = cri.exec_sync(id, &["sh", "-c", list]).unwrap();
+    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    String::from_utf8_lossy(&r.stdout).into_owned()
+}
+
+#[test]
+fn share_process_namespace_shows_pause_as_pid_1_and_hides_the_agent() {
+    let (_ns, c, mut cri) = cri_env("kvcripid");
+    let (pod, cfg) = pod_with_pid_mode(&mut cri, &c, "sharedpid", cri::v1::NamespaceMode::Pod);
     let mut ids = Vec::new();
     for (name, seconds) in [("first", "1001"), ("second", "1002")] {
-        let mut ctr = container_config(name, IMAGE, &["sleep", seconds], vec![]);
-        ctr.linux = Some(cri::v1::LinuxContainerConfig {
-            security_context: Some(cri::v1::LinuxContainerSecurityContext {
-                namespace_options: pid_mode(cri::v1::NamespaceMode::Pod),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        let id = cri
-            .create_container(&pod, ctr, &cfg)
-            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", tail(&c.log(), 40)));
-        cri.start_container(&id).unwrap();
-        ids.push(id);
+        let mode = pid_mode(cri::v1::NamespaceMode::Pod);
+        ids.push(start_sleeper(
+            &mut cri,
+            &c,
+            (&pod, &cfg),
+            name,
+            seconds,
+            mode,
+        ));
     }
     // Every process of the namespace: PID 1 is `pause`, both containers' sleeps are there,
     // and the agent (the VM's init) is not.
-    let list =
-        "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(cat $p/cmdline | tr '\\0' ' ')\"; done";
-    let r = cri.exec_sync(&ids[1], &["sh", "-c", list]).unwrap();
-    let out = String::from_utf8_lossy(&r.stdout).into_owned();
-    assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+    let out = processes_seen_by(&mut cri, &ids[1]);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines.contains(&"1 pause "), "{out}");
     assert!(lines.iter().any(|l| l.ends_with(" sleep 1001 ")), "{out}");
@@ -447,47 +483,17 @@ fn share_process_namespace_shows_pause_as_pid_1_and_hides_the_agent() {
 #[test]
 fn a_debug_container_with_a_target_shares_the_targets_pid_namespace() {
     let (_ns, c, mut cri) = cri_env("kvcritgt");
-    let logs = c.dir.join("pod-logs");
-    fs::create_dir_all(&logs).unwrap();
-    let mut cfg = pod_config("debugtarget", &logs);
-    cfg.linux = Some(cri::v1::LinuxPodSandboxConfig {
-        security_context: Some(cri::v1::LinuxSandboxSecurityContext {
-            namespace_options: pid_mode(cri::v1::NamespaceMode::Container),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    let pod = cri
-        .run_pod(cfg.clone())
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", tail(&c.log(), 40)));
-    let mut start = |name: &str, seconds: &str, ns: Option<cri::v1::NamespaceOption>| {
-        let mut ctr = container_config(name, IMAGE, &["sleep", seconds], vec![]);
-        ctr.linux = Some(cri::v1::LinuxContainerConfig {
-            security_context: Some(cri::v1::LinuxContainerSecurityContext {
-                namespace_options: ns,
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        let id = cri
-            .create_container(&pod, ctr, &cfg)
-            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", tail(&c.log(), 40)));
-        cri.start_container(&id).unwrap();
-        id
-    };
-    let app = start("app", "1005", pid_mode(cri::v1::NamespaceMode::Container));
+    let own = cri::v1::NamespaceMode::Container;
+    let (pod, cfg) = pod_with_pid_mode(&mut cri, &c, "debugtarget", own);
+    let app = start_sleeper(&mut cri, &c, (&pod, &cfg), "app", "1005", pid_mode(own));
     let target = Some(cri::v1::NamespaceOption {
         pid: cri::v1::NamespaceMode::Target as i32,
         target_id: app.clone(),
         ..Default::default()
     });
-    let debug = start("debug", "1006", target);
-    let list =
-        "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(cat $p/cmdline | tr '\\0' ' ')\"; done";
+    let debug = start_sleeper(&mut cri, &c, (&pod, &cfg), "debug", "1006", target);
     for (who, id) in [("debug", &debug), ("app", &app)] {
-        let r = cri.exec_sync(id, &["sh", "-c", list]).unwrap();
-        let out = String::from_utf8_lossy(&r.stdout).into_owned();
-        assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+        let out = processes_seen_by(&mut cri, id);
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines.contains(&"1 sleep 1005 "), "{who} sees: {out}");
         assert!(
