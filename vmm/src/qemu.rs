@@ -431,3 +431,24 @@ impl Drop for QemuVm {
         self.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A machine that fails after its device servers started (here: a console file that
+    /// cannot be made) stops them: no thread, no socket directory left.
+    #[test]
+    fn a_start_that_fails_after_the_servers_leaves_no_thread_or_directory() {
+        let _one_at_a_time = crate::vhost_user::TEST_SERVERS.lock();
+        let mut config = VmConfig::new("/proc/self/exe");
+        config.rng = true;
+        config.serial_output = SerialOutput::File("/nonexistent/kubevirt/console.log".into());
+        let before = socket_dirs(std::process::id()).len();
+        let e = QemuVm::start(config, Accel::Tcg { host_tsc_khz: None }).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/kubevirt"), "{e}");
+        let left = crate::vhost_user::device_threads();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(socket_dirs(std::process::id()).len(), before);
+    }
+}

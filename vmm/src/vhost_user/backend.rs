@@ -218,8 +218,12 @@ pub struct VhostUserServer {
 
 impl VhostUserServer {
     /// Waits until the frontend connected and then disconnected.
-    pub fn join(self) {
-        for t in self.threads {
+    pub fn join(mut self) {
+        self.join_threads();
+    }
+
+    fn join_threads(&mut self) {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.socket);
@@ -228,9 +232,23 @@ impl VhostUserServer {
     /// Ends the session once the frontend is gone (QEMU exited or was killed). A frontend
     /// that never came (QEMU failed to start) is stood in for by an empty connection, which
     /// ends the relay (where there is one) and the library's session at once.
-    pub fn finish(self) {
-        let _ = UnixStream::connect(&self.socket);
-        self.join();
+    pub fn finish(mut self) {
+        self.finish_threads();
+    }
+
+    fn finish_threads(&mut self) {
+        if !self.threads.is_empty() {
+            let _ = UnixStream::connect(&self.socket);
+            self.join_threads();
+        }
+    }
+}
+
+/// A server dropped without [`VhostUserServer::finish`] (a machine that failed to start
+/// after its servers did) finishes, so that none of its threads is left waiting.
+impl Drop for VhostUserServer {
+    fn drop(&mut self) {
+        self.finish_threads();
     }
 }
 
@@ -356,9 +374,11 @@ mod tests {
     use vmm_sys_util::tempdir::TempDir;
 
     /// Served without the relay (only virtio-net needs it): one socket, and a server
-    /// whose frontend never came ends and leaves nothing in its directory.
+    /// whose frontend never came ends and leaves nothing in its directory; one dropped
+    /// instead leaves no thread.
     #[test]
     fn a_server_without_a_frontend_finishes_and_leaves_nothing() {
+        let _one_at_a_time = crate::vhost_user::TEST_SERVERS.lock();
         let dir = TempDir::new_with_prefix("/tmp/kv-vu-").unwrap();
         let socket = dir.as_path().join("rng.sock");
         let rng = Arc::new(Mutex::new(devices::rng::Rng::new()));
@@ -379,5 +399,10 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10))
             .expect("finish returns");
         assert!(listed().is_empty(), "left: {:?}", listed());
+        let rng = Arc::new(Mutex::new(devices::rng::Rng::new()));
+        drop(serve("rng", rng, &socket, false).unwrap());
+        assert!(listed().is_empty(), "left: {:?}", listed());
+        let left = crate::vhost_user::device_threads();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

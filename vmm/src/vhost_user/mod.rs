@@ -8,3 +8,20 @@ mod backend;
 mod proxy;
 
 pub use backend::{serve, VhostUserDevice, VhostUserError, VhostUserServer};
+
+/// Tests that count the process's device threads run one at a time.
+#[cfg(test)]
+pub(crate) static TEST_SERVERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The names of this process's threads that serve devices (`vu-*`).
+#[cfg(test)]
+pub(crate) fn device_threads() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with("vu-"))
+        .collect()
+}
