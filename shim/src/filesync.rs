@@ -120,19 +120,20 @@ impl FileSync {
         }
     }
 
-    /// Ends the thread (for good: later sources are copied once, not kept current).
+    /// Tells the thread to end (for good: later sources are copied once, not kept current)
+    /// without waiting for it: a copy in flight to a hung guest may take its whole deadline.
     pub fn stop(&self) {
         self.shared.lock().stop = true;
         self.shared.wake();
-        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = t.join();
-        }
     }
 }
 
 impl Drop for FileSync {
     fn drop(&mut self) {
         self.stop();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -190,6 +191,9 @@ impl Shared {
             .collect();
         // The copies go through the agent without the lock held.
         for (owner, c, now) in stale {
+            if self.lock().stop {
+                return;
+            }
             match (self.copy)(&c) {
                 Ok(()) => log::info!("updated {} in the VM", c.host.display()),
                 Err(e) => log::warn!("update {} in the VM: {e}", c.host.display()),

@@ -146,3 +146,43 @@ fn a_symbolic_link_loop_ends_the_walks() {
     assert_eq!(signature(&src).len(), MAX_DEPTH);
     assert_eq!(watched_dirs(&src).len(), MAX_DEPTH);
 }
+
+#[test]
+fn stopping_does_not_wait_for_a_copy_in_flight() {
+    let dir = TempDir::new_with_prefix("/tmp/kv-filesync-stop-").unwrap();
+    let file = dir.as_path().join("hosts");
+    fs::write(&file, "a\n").unwrap();
+    let (entered_tx, entered) = channel();
+    let (release, release_rx) = channel::<()>();
+    let (entered_tx, release_rx) = (Mutex::new(entered_tx), Mutex::new(release_rx));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let sync = FileSync::new(move |_: &Copy| {
+        // The first copy (in add) returns at once; a later one hangs like a stuck guest.
+        if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            let _ = entered_tx.lock().unwrap().send(());
+            let _ = release_rx.lock().unwrap().recv();
+        }
+        Ok(())
+    })
+    .unwrap();
+    let copy = Copy {
+        host: file.clone(),
+        rel: "c1/0/hosts".into(),
+    };
+    sync.add("c1", vec![copy]).unwrap();
+    fs::write(&file, "b\n").unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the change is being copied");
+    let t0 = Instant::now();
+    sync.stop();
+    assert!(
+        t0.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t0.elapsed()
+    );
+    release.send(()).unwrap();
+    drop(sync);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
