@@ -476,7 +476,11 @@ impl Pod {
         std::thread::Builder::new()
             .name("vm-watch".into())
             .spawn(move || {
-                vmm::wait::readable(end.as_fd(), None);
+                if let Err(e) = vmm::wait::readable(end.as_fd(), None) {
+                    // Not an end: the VM is left running, its exit still reported by Wait.
+                    log::error!("pod {pod}: cannot watch the VM for its end: {e}");
+                    return;
+                }
                 let mut guard = machine.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(m) = guard.as_mut() else { return };
                 // Readable: it has ended (the wait reaps QEMU).

@@ -134,12 +134,9 @@ fn pause_resume_stop() {
     assert!(exits >= paused_at as u64 + 3, "{exits} exits");
     // The end descriptor sleeps while the VM runs and wakes its watcher when it ends.
     let end = vm.end_fd().unwrap();
-    assert!(!vmm::wait::readable(
-        end.as_fd(),
-        Some(Duration::from_millis(50))
-    ));
+    assert!(!vmm::wait::readable(end.as_fd(), Some(Duration::from_millis(50))).unwrap());
     vm.stop();
-    assert!(vmm::wait::readable(end.as_fd(), Some(T)));
+    assert!(vmm::wait::readable(end.as_fd(), Some(T)).unwrap());
     assert_eq!(vm.wait_timeout(Duration::ZERO), Some(VmExit::Stopped));
 }
 

@@ -381,19 +381,20 @@ impl QemuVm {
         }
     }
 
-    /// The QEMU process (for a pid file: a crashed embedder's cleanup kills it).
     /// The devices' counters.
     pub fn counters(&self) -> &DeviceCounters {
         &self.counters
     }
 
+    /// The QEMU process (for a pid file: a crashed embedder's cleanup kills it).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Waits up to `timeout`; `None` if QEMU still runs.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        crate::wait::readable(self.pidfd.as_fd(), Some(timeout));
+        // Whether or not the wait worked, the child's state is what counts.
+        let _ = crate::wait::readable(self.pidfd.as_fd(), Some(timeout));
         self.child.try_wait().ok().flatten()
     }
 
