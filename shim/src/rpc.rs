@@ -163,6 +163,8 @@ impl containerd_shim::Task for TaskService {
 
     fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let (t, p) = self.process(&req.id, &req.exec_id)?;
+        // Held until the answer: the process's exit is reported after it.
+        let _signalling = p.signalling();
         if p.status() == Status::Stopped {
             return Ok(api::Empty::new());
         }

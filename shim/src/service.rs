@@ -77,7 +77,12 @@ pub struct TaskService {
     create_lock: Mutex<()>,
 }
 
-/// Records how a process ended and tells containerd (once its output is all delivered).
+/// How long an exit's report waits for kill requests in flight (see Proc::signals_answered);
+/// longer than an agent call takes unless the agent is stuck.
+const SIGNAL_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Records how a process ended and tells containerd (once its output is all delivered, and
+/// kill requests for it answered).
 fn report_exit(
     publisher: &Publisher,
     ns: &str,
@@ -100,6 +105,14 @@ fn report_exit(
         }
     };
     p.stdin.request_close(); // nothing reads it any more: end the stdin pump
+    if !p.signals_answered(SIGNAL_ANSWER_WAIT) {
+        log::warn!(
+            "container {}: process {:?}: a kill is still unanswered after {:?}; reporting its exit",
+            task.id,
+            p.exec_id,
+            SIGNAL_ANSWER_WAIT
+        );
+    }
     log::info!(
         "container {}: process {:?} exited with {}, output drained in {:.1} ms",
         task.id,

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::pod::Pod;
 use crate::stdin::Stdin;
@@ -26,6 +27,8 @@ struct ProcState {
     status: Status,
     pid: u32,
     exit: Option<ExitInfo>,
+    /// Kill requests for the process not yet answered.
+    signals: u32,
 }
 
 /// A container's init process (exec id "") or an exec.
@@ -39,6 +42,7 @@ pub struct Proc {
     pub stdin: Arc<Stdin>,
     state: Mutex<ProcState>,
     exited: Condvar,
+    answered: Condvar,
 }
 
 impl Proc {
@@ -53,8 +57,10 @@ impl Proc {
                 status: Status::Created,
                 pid: 0,
                 exit: None,
+                signals: 0,
             }),
             exited: Condvar::new(),
+            answered: Condvar::new(),
         }))
     }
 
@@ -98,6 +104,25 @@ impl Proc {
         self.lock().exit
     }
 
+    /// Marks a kill request for the process in flight until dropped.
+    pub fn signalling(&self) -> Signalling<'_> {
+        self.lock().signals += 1;
+        Signalling(self)
+    }
+
+    /// Waits, at most `limit`, until every kill request in flight is answered. containerd
+    /// deletes a task when it hears of its exit, which closes that task's connection to the
+    /// shim: a kill still unanswered on it fails with "ttrpc: closed" (and StopPodSandbox
+    /// with it), so the exit is reported after the answer.
+    pub fn signals_answered(&self, limit: Duration) -> bool {
+        let s = self.lock();
+        let (s, _) = self
+            .answered
+            .wait_timeout_while(s, limit, |s| s.signals > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        s.signals == 0
+    }
+
     /// Blocks until the process has exited.
     pub fn wait(&self) -> ExitInfo {
         let mut s = self.lock();
@@ -107,6 +132,16 @@ impl Proc {
             }
             s = self.exited.wait(s).unwrap_or_else(|e| e.into_inner());
         }
+    }
+}
+
+/// A kill request in flight (see `Proc::signals_answered`).
+pub struct Signalling<'a>(&'a Proc);
+
+impl Drop for Signalling<'_> {
+    fn drop(&mut self) {
+        self.0.lock().signals -= 1;
+        self.0.answered.notify_all();
     }
 }
 
@@ -132,5 +167,42 @@ impl Task {
             .unwrap_or_else(|e| e.into_inner())
             .get(exec_id)
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn proc_() -> Arc<Proc> {
+        Proc::new("", StdioPaths::default(), Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn an_exit_waits_for_the_kill_requests_in_flight() {
+        let p = proc_();
+        assert!(p.signals_answered(Duration::ZERO), "none in flight");
+        let (first, second) = (p.signalling(), p.signalling());
+        let t0 = Instant::now();
+        assert!(!p.signals_answered(Duration::from_millis(30)));
+        assert!(t0.elapsed() >= Duration::from_millis(30));
+        drop(first);
+        assert!(!p.signals_answered(Duration::ZERO), "one is left");
+        let waiter = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                (p.signals_answered(Duration::from_secs(10)), t0.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        drop(second);
+        let (answered, waited) = waiter.join().unwrap();
+        assert!(answered);
+        assert!(
+            (Duration::from_millis(40)..Duration::from_secs(5)).contains(&waited),
+            "{waited:?}: woken by the answer, not the limit"
+        );
     }
 }

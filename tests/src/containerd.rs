@@ -339,6 +339,13 @@ pub fn tail(s: &str, n: usize) -> String {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // A failing test's evidence (the shims' logs are in it) goes with the directory.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- containerd's log, last 60 lines ---\n{}",
+                tail(&self.log(), 60)
+            );
+        }
         // Shims and VMs of pods a failed test left running (each names our directory).
         let dir = self.dir.display().to_string();
         for pattern in [

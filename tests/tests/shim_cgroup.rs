@@ -58,9 +58,10 @@ fn exec_code(cri: &mut Cri, id: &str, cmd: &str) -> i32 {
 
 #[test]
 fn the_vm_lives_in_the_pod_cgroup_and_is_held_to_its_limits() {
-    const OVERHEAD_MIB: i64 = 160; // the shim's default vm_overhead_mib
-                                   // kubelet's part: the pod cgroup with 256 MiB + the RuntimeClass overhead and 0.5 CPU
-                                   // (made first, so that it is removed after containerd has ended).
+    // The shim's default vm_overhead_mib.
+    const OVERHEAD_MIB: i64 = 160;
+    // kubelet's part: the pod cgroup with 256 MiB + the RuntimeClass overhead and 0.5 CPU
+    // (made first, so that it is removed after containerd has ended).
     let kubelet = tests::cgroups::KubeletPod::create(
         "kubevirt-test-kvcg",
         (256 + OVERHEAD_MIB) << 20,
