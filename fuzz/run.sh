@@ -41,6 +41,11 @@ fi
 echo "fuzz: building the targets"
 (cd fuzz && cargo $toolchain fuzz build --debug-assertions)
 
+# Targets make sockets under the temporary directory (vsock_packet's host side) and cannot
+# remove them: libFuzzer ends with exit(). They go with this directory.
+scratch=$(mktemp -d -t kubevirt-fuzz.XXXXXX)
+trap 'rm -rf "$scratch"' EXIT
+
 failed=()
 for t in $targets; do
     runs=$((${RUNS[$t]} * scale))
@@ -51,7 +56,7 @@ for t in $targets; do
     echo "fuzz: $t, $runs inputs"
     start=$SECONDS
     # libFuzzer prints its progress (coverage, corpus, inputs per second) as it goes.
-    if (cd fuzz && cargo $toolchain fuzz run --debug-assertions "$t" \
+    if (cd fuzz && TMPDIR=$scratch cargo $toolchain fuzz run --debug-assertions "$t" \
         "${dirs[@]}" -- -runs="$runs" -seed="$seed" -timeout=10 -max_len=4096); then
         echo "fuzz: $t passed in $((SECONDS - start)) s"
     else

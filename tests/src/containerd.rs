@@ -348,11 +348,22 @@ impl Drop for Containerd {
         }
         // Shims and VMs of pods a failed test left running (each names our directory).
         let dir = self.dir.display().to_string();
-        for pattern in [
-            format!("containerd-shim-kubevirt-v1 .*{dir}"),
-            format!("qemu-system.*{dir}"),
-        ] {
+        let shims = format!("containerd-shim-kubevirt-v1 .*{dir}");
+        let shim_pids: Vec<u32> = Command::new("pgrep")
+            .args(["-f", &shims])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        for pattern in [shims, format!("qemu-system.*{dir}")] {
             let _ = Command::new("pkill").args(["-9", "-f", &pattern]).status();
+        }
+        // What `containerd-shim-kubevirt-v1 delete` removes after a dead shim: its QEMU's
+        // socket directories.
+        for pid in shim_pids {
+            vmm::qemu::remove_socket_dirs(pid);
         }
         // Pod network namespaces are mounted in containerd's own mount namespace: note them
         // before it goes, to delete the host's entries.
