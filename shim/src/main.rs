@@ -22,6 +22,7 @@ mod portfwd;
 mod rates;
 mod rootfs;
 mod rpc;
+mod scratch;
 mod service;
 mod stdin;
 mod stdio;

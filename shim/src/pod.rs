@@ -207,7 +207,7 @@ impl Pod {
             });
         }
         let scratch = p.dir.join("scratch.ext4");
-        crate::rootfs::scratch_disk(&scratch, cfg.scratch_mib)?;
+        crate::scratch::disk(&scratch, cfg.scratch_mib, &cfg.image_cache)?;
         vm.disks.push(BlockConfig {
             path: scratch,
             read_only: false,

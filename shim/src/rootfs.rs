@@ -1,6 +1,6 @@
 //! A container's rootfs for the VM: the snapshotter's read-only layers become one EROFS image,
-//! cached on the node per layer chain and shared by every pod that uses it; the writable layer
-//! is a sparse ext4 scratch disk of the container's own.
+//! cached on the node per layer chain and shared by every pod that uses it (the writable
+//! layers are on the pod's scratch disk, see scratch.rs).
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -63,7 +63,7 @@ impl Layers {
     }
 }
 
-fn run(what: &str, cmd: Command) -> Result<()> {
+pub(crate) fn run(what: &str, cmd: Command) -> Result<()> {
     let out = vmm::spawn::output(cmd).map_err(ShimError::io(format!("run {what}")))?;
     if !out.status.success() {
         return Err(ShimError::Command {
@@ -130,65 +130,54 @@ impl Drop for MergedView {
 }
 
 /// The EROFS image of `layers`: from the cache, or built (and cached when the layers are
-/// immutable). Concurrent creators of one image serialise on a lock file; the image appears
-/// by an atomic rename, so readers never see half of one.
+/// immutable).
 pub fn image(layers: &Layers, cache: &Path, scratch_dir: &Path) -> Result<(PathBuf, bool)> {
     fs::create_dir_all(cache).map_err(ShimError::io(format!(
         "create image cache {}",
         cache.display()
     )))?;
     let key = layers.key();
-    let path = if layers.cacheable() {
-        cache.join(format!("{key}.erofs"))
-    } else {
-        scratch_dir.join("rootfs.erofs")
+    let build = |tmp: &Path| {
+        let view = MergedView::new(
+            layers,
+            &cache.join(format!("{key}.view.{}", std::process::id())),
+        )?;
+        let mut mkfs = Command::new("mkfs.erofs");
+        mkfs.arg("--quiet").arg(tmp).arg(&view.dir);
+        run(&format!("mkfs.erofs into {}", tmp.display()), mkfs)
     };
-    let lock = File::create(cache.join(format!("{key}.lock")))
-        .map_err(ShimError::io("create the image lock"))?;
+    if !layers.cacheable() {
+        let path = scratch_dir.join("rootfs.erofs");
+        build(&path).inspect_err(|_| {
+            let _ = fs::remove_file(&path);
+        })?;
+        return Ok((path, false));
+    }
+    let path = cache.join(format!("{key}.erofs"));
+    let cached = cached(&path, build)?;
+    Ok((path, cached))
+}
+
+/// `path`, a file in a cache, built by `build` (into a temporary file) unless it is there
+/// already; true if it was. Concurrent builders serialise on a lock file beside it; it
+/// appears by an atomic rename, so readers never see half of one.
+pub(crate) fn cached(path: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result<bool> {
+    let lock = File::create(path.with_extension("lock")).map_err(ShimError::io(format!(
+        "create the lock of {}",
+        path.display()
+    )))?;
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| ShimError::io("lock the image cache")(e.into()))?;
-    if layers.cacheable() && path.exists() {
-        return Ok((path, true));
+        .map_err(|(_, e)| ShimError::io(format!("lock {}", path.display()))(e.into()))?;
+    if path.exists() {
+        return Ok(true);
     }
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let view = MergedView::new(
-        layers,
-        &cache.join(format!("{key}.view.{}", std::process::id())),
-    )?;
-    let mut mkfs = Command::new("mkfs.erofs");
-    mkfs.arg("--quiet").arg(&tmp).arg(&view.dir);
-    let built = run(&format!("mkfs.erofs into {}", tmp.display()), mkfs);
-    drop(view);
-    if let Err(e) = built {
+    if let Err(e) = build(&tmp) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    fs::rename(&tmp, &path).map_err(ShimError::io(format!(
-        "move the image into {}",
-        path.display()
-    )))?;
-    Ok((path, false))
-}
-
-/// A sparse ext4 disk of `mib` MiB: the container's writable layer.
-///
-/// `discard` on a new sparse file only punches holes (instant) and lets mkfs mark every
-/// group's inode table zeroed; without it the guest's ext4lazyinit zeroes them itself after
-/// mounting: a stream of write-zeroes requests from an otherwise idle pod.
-pub fn scratch_disk(path: &Path, mib: u64) -> Result<()> {
-    let f = File::create(path).map_err(ShimError::io(format!("create {}", path.display())))?;
-    f.set_len(mib << 20)
-        .map_err(ShimError::io(format!("size {}", path.display())))?;
-    drop(f);
-    let mut mkfs = Command::new("mkfs.ext4");
-    mkfs.args([
-        "-q",
-        "-F",
-        "-E",
-        "discard,lazy_itable_init=1,lazy_journal_init=1",
-    ])
-    .arg(path);
-    run("mkfs.ext4", mkfs)
+    fs::rename(&tmp, path).map_err(ShimError::io(format!("move {} into place", path.display())))?;
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -247,29 +236,5 @@ mod tests {
         let c = Layers::Lower(vec!["/s/1/fs".into()]);
         assert_eq!(a.key(), b.key());
         assert_ne!(a.key(), c.key());
-    }
-
-    #[test]
-    fn a_scratch_disk_is_sparse_with_its_inode_tables_marked_zeroed() {
-        use std::os::unix::fs::MetadataExt;
-        let dir = std::env::temp_dir().join(format!("shim-scratch-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let disk = dir.join("scratch.img");
-        scratch_disk(&disk, 1024).unwrap();
-        let allocated = fs::metadata(&disk).unwrap().blocks() * 512;
-        let out = Command::new("dumpe2fs").arg(&disk).output().unwrap();
-        fs::remove_dir_all(&dir).unwrap();
-        assert!(out.status.success(), "dumpe2fs: {out:?}");
-        let report = String::from_utf8_lossy(&out.stdout);
-        let groups: Vec<&str> = report
-            .lines()
-            .filter(|l| l.starts_with("Group ") && l.contains("(Blocks"))
-            .collect();
-        // 1 GiB: 8 groups of 128 MiB. A group left unzeroed is work for the guest.
-        assert_eq!(groups.len(), 8, "{report}");
-        for g in &groups {
-            assert!(g.contains("ITABLE_ZEROED"), "{g}");
-        }
-        assert!(allocated < 8 << 20, "{allocated} bytes allocated");
     }
 }
