@@ -73,8 +73,8 @@ pub struct Limits {
 pub struct PodCgroup {
     cg: Cgroup,
     pub path: String,
-    /// The move of this process into the cgroup, until [`PodCgroup::entered`] waited for it.
-    entering: Mutex<Option<JoinHandle<io::Result<()>>>>,
+    /// The move of this process into the cgroup, until [`PodCgroup::entry`] took it.
+    entering: Mutex<Option<Entry>>,
 }
 
 fn failed(path: &str, what: &str) -> impl FnOnce(cgroups_rs::fs::error::Error) -> ShimError {
@@ -106,24 +106,25 @@ impl PodCgroup {
             .map_err(ShimError::io("start the cgroup-join thread"))?;
         Ok(PodCgroup {
             cg,
+            entering: Mutex::new(Some(Entry {
+                handle: Some(entering),
+                path: path.clone(),
+            })),
             path,
-            entering: Mutex::new(Some(entering)),
         })
     }
 
-    /// Waits until this process is in the cgroup: before the VM starts.
-    pub fn entered(&self) -> Result<()> {
-        let handle = self
-            .entering
+    /// The wait until this process is in the cgroup, for the VM's start gate (the VM's
+    /// memory and process must be charged to the pod). Later calls wait for nothing.
+    pub fn entry(&self) -> Entry {
+        self.entering
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let Some(h) = handle else {
-            return Ok(());
-        };
-        h.join()
-            .unwrap_or_else(|_| Err(io::Error::other("the cgroup-join thread panicked")))
-            .map_err(ShimError::io(format!("join cgroup {}", self.path)))
+            .take()
+            .unwrap_or(Entry {
+                handle: None,
+                path: String::new(),
+            })
     }
 
     /// The limits the VM is held to: the tightest of this cgroup and its ancestors (kubelet
@@ -192,11 +193,41 @@ impl PodCgroup {
     }
 }
 
+/// This process's move into a pod cgroup, under way on a thread of its own.
+#[derive(Debug)]
+pub struct Entry {
+    handle: Option<JoinHandle<io::Result<()>>>,
+    path: String,
+}
+
+impl Entry {
+    /// Waits until the move is done.
+    pub fn wait(mut self) -> Result<()> {
+        match self.handle.take() {
+            None => Ok(()),
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the cgroup-join thread panicked")))
+                .map_err(ShimError::io(format!("join cgroup {}", self.path))),
+        }
+    }
+}
+
+impl Drop for Entry {
+    /// An entry nobody waited for (a VM that failed before its start gate) still ends
+    /// before the cgroup is left and removed.
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 impl Drop for PodCgroup {
     /// Moves this process back to the root cgroup and removes the pod's cgroup: the VM has
     /// ended, or never started.
     fn drop(&mut self) {
-        let _ = self.entered();
+        let _ = self.entry().wait();
         let me = CgroupPid::from(std::process::id() as u64);
         let _ = self.cg.remove_task_by_tgid(me);
         remove_path(&self.path);

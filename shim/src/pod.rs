@@ -227,9 +227,11 @@ impl Pod {
             p.vcpus
         );
         if let Some(cg) = &p.cgroup {
-            cg.entered()?;
+            let entry = cg.entry();
+            vm.start_gate = Some(vmm::StartGate(Box::new(move || {
+                entry.wait().map_err(std::io::Error::other)
+            })));
         }
-        phases.mark("cgroup entry");
         let start = Instant::now();
         let mut m = Machine::start(vm, backend, accel)?;
         phases.mark("VM start");

@@ -237,7 +237,6 @@ fn breakdown(r: &mut String, t: &Times) {
         "pod boot: cgroup",
         "pod boot: machine choice",
         "pod boot: disks",
-        "pod boot: cgroup entry",
         "pod boot: VM start",
         "pod boot: tap wiring",
         "pause container create: image (cached)",
@@ -264,7 +263,7 @@ fn breakdown(r: &mut String, t: &Times) {
          the tap's wiring are route netlink requests in the pod's netns; the cgroup step creates \
          the pod's cgroup in every v1 hierarchy and reads each ancestor's limit files, while a \
          thread moves the shim in (the kernel's first migration of a process waits for an RCU \
-         grace period; `cgroup entry` is what is left of it when the VM starts); disks creates the scratch disk. The first pod also pays the machine \
+         grace period, which overlaps the disks and the VM's device set-up: `VM start` waits for what is left of it before QEMU starts); disks copies the node's scratch disk template. The first pod also pays the machine \
          calibration (a guest run, then cached per host boot) and the image conversion. The \
          other phases wait on the guest (TCG here).",
         if host < 20.0 { "met" } else { "MISSED" },

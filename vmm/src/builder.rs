@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::{cpuid, layout, memory, mptable, paging, regs};
 use crate::boot::{self, LoadedKernel};
 use crate::bus::Bus;
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{SerialOutput, StartGate, VmConfig};
 use crate::legacy::{ResetLine, Serial, SerialInput, I8042};
 use crate::vcpu::Vcpu;
 use crate::virtio_mmio::{regs as mmio_regs, MmioInterrupt, MmioTransport, QueueEvents};
@@ -25,6 +25,8 @@ use crate::vmm::Vmm;
 pub enum BuildError {
     #[error("{0} vCPUs requested: 1 to {max} are supported", max = mptable::MAX_VCPUS)]
     VcpuCount(u8),
+    #[error("the VM's start was refused: {0}")]
+    StartGate(std::io::Error),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -80,6 +82,7 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
     if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS {
         return Err(BuildError::VcpuCount(config.vcpus));
     }
+    StartGate::pass(config.start_gate.take()).map_err(BuildError::StartGate)?;
     let mem = memory::allocate(config.memory_mib, config.hugepages)?;
     let vm = Vm::new(&mem)?;
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -355,4 +358,25 @@ fn create_vcpus(
             Ok(Vcpu::new(id, fd, pio.clone(), mmio.clone(), reset.clone()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gate comes before guest memory exists: a refusal allocates nothing.
+    #[test]
+    fn a_refusing_start_gate_stops_the_build_first() {
+        let mut config = VmConfig::new("/nonexistent/kernel");
+        // Anything done before the gate would fail with another error (size, kernel).
+        config.memory_mib = 1 << 20;
+        config.start_gate = Some(StartGate(Box::new(|| {
+            Err(std::io::Error::other("not in the cgroup yet"))
+        })));
+        let Err(e) = build_microvm(config) else {
+            panic!("the VM was built")
+        };
+        assert!(matches!(e, BuildError::StartGate(_)), "{e}");
+        assert!(e.to_string().contains("not in the cgroup yet"), "{e}");
+    }
 }

@@ -170,6 +170,23 @@ impl std::fmt::Debug for SerialOutput {
     }
 }
 
+/// Called once right before the VM first touches its guest memory (builtin) or its process
+/// starts (qemu): an embedder still moving itself into the cgroup the VM is to be charged to
+/// waits for that here, so that the wait overlaps the devices' set-up.
+pub struct StartGate(pub Box<dyn FnOnce() -> std::io::Result<()> + Send>);
+
+impl std::fmt::Debug for StartGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StartGate")
+    }
+}
+
+impl StartGate {
+    pub(crate) fn pass(gate: Option<StartGate>) -> std::io::Result<()> {
+        gate.map_or(Ok(()), |g| (g.0)())
+    }
+}
+
 /// A microVM to build.
 #[derive(Debug)]
 pub struct VmConfig {
@@ -198,6 +215,7 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Confine every VMM thread with its seccomp filter before the guest runs.
     pub seccomp: bool,
+    pub start_gate: Option<StartGate>,
 }
 
 impl VmConfig {
@@ -220,6 +238,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             seccomp: true,
+            start_gate: None,
         }
     }
 }

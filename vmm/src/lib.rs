@@ -27,5 +27,7 @@ pub mod vmm;
 pub mod wait;
 
 pub use builder::{build_microvm, BuildError};
-pub use config::{SerialInputSource, SerialOutput, VmConfig, DEFAULT_CMDLINE, GUEST_CMDLINE};
+pub use config::{
+    SerialInputSource, SerialOutput, StartGate, VmConfig, DEFAULT_CMDLINE, GUEST_CMDLINE,
+};
 pub use vmm::{VmExit, VmHandle, Vmm, VmmError};

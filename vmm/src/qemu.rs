@@ -35,6 +35,8 @@ pub enum QemuError {
         binary: String,
         source: std::io::Error,
     },
+    #[error("the VM's start was refused: {0}")]
+    StartGate(std::io::Error),
     #[error("cannot open a pidfd for {QEMU} (Linux 5.3 or later is needed): {0}")]
     Pidfd(std::io::Error),
     #[error("device {name} (virtio type {kind}) has no vhost-user front in QEMU")]
@@ -337,6 +339,7 @@ impl QemuVm {
             cmd.stdout(Stdio::piped());
         }
         log::debug!("starting {QEMU} {}", args.join(" "));
+        crate::config::StartGate::pass(config.start_gate.take()).map_err(QemuError::StartGate)?;
         let mut child = crate::spawn::spawn(cmd).map_err(|source| QemuError::Spawn {
             binary: QEMU.into(),
             source,
@@ -448,6 +451,34 @@ mod tests {
         let before = socket_dirs(std::process::id()).len();
         let e = QemuVm::start(config, Accel::Tcg { host_tsc_khz: None }).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/kubevirt"), "{e}");
+        let left = crate::vhost_user::device_threads();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(socket_dirs(std::process::id()).len(), before);
+    }
+
+    /// The start gate runs once the devices are served, right before QEMU would start; a
+    /// gate that refuses ends the start with its reason and leaves nothing.
+    #[test]
+    fn the_start_gate_comes_after_the_device_set_up_and_can_refuse() {
+        let _one_at_a_time = crate::vhost_user::TEST_SERVERS.lock();
+        let mut config = VmConfig::new("/proc/self/exe");
+        config.rng = true;
+        config.serial_output = SerialOutput::Sink;
+        let before = socket_dirs(std::process::id()).len();
+        let (tx, rx) = std::sync::mpsc::channel();
+        config.start_gate = Some(crate::config::StartGate(Box::new(move || {
+            let served: Vec<bool> = socket_dirs(std::process::id())
+                .iter()
+                .map(|d| d.join("rng.sock").exists())
+                .collect();
+            tx.send(served).unwrap();
+            Err(std::io::Error::other("the cgroup is not ready"))
+        })));
+        let e = QemuVm::start(config, Accel::Tcg { host_tsc_khz: None }).unwrap_err();
+        assert!(matches!(e, QemuError::StartGate(_)), "{e}");
+        assert!(e.to_string().contains("the cgroup is not ready"), "{e}");
+        let served = rx.try_recv().expect("the gate was called");
+        assert!(served.contains(&true), "rng served at the gate: {served:?}");
         let left = crate::vhost_user::device_threads();
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(socket_dirs(std::process::id()).len(), before);
