@@ -66,6 +66,9 @@ pub fn disk(path: &Path, mib: u64, cache: &Path) -> Result<()> {
     let made = fs::create_dir_all(cache)
         .map_err(ShimError::io(format!("create {}", cache.display())))
         .and_then(|()| cached(&template, |tmp| format(tmp, mib)));
+    if let Ok(false) = made {
+        remove_stale_templates(cache, mib, &template);
+    }
     let copied = match made {
         Ok(_) => copy_sparse(&template, path),
         Err(e) => {
@@ -79,6 +82,26 @@ pub fn disk(path: &Path, mib: u64, cache: &Path) -> Result<()> {
     copied.inspect_err(|_| {
         let _ = fs::remove_file(path);
     })
+}
+
+/// Removes the templates of size `mib` other than `current` (made by an earlier mkfs), and
+/// their locks. A shim copying one meanwhile keeps its open file.
+fn remove_stale_templates(cache: &Path, mib: u64, current: &Path) {
+    let prefix = format!("scratch-{mib}M-");
+    for entry in fs::read_dir(cache).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with(&prefix)
+            && (name.ends_with(".ext4") || name.ends_with(".lock"))
+            && path.with_extension("ext4") != current;
+        if stale {
+            log::info!(
+                "removing the stale scratch disk template {}",
+                path.display()
+            );
+            let _ = fs::remove_file(&path);
+        }
+    }
 }
 
 /// Formats a new sparse file of `mib` MiB at `path`.
@@ -234,6 +257,34 @@ mod tests {
         }
         assert!(same_content(&a, &t[0]));
         assert!(same_content(&a, &b));
+    }
+
+    #[test]
+    fn a_new_template_replaces_those_of_an_earlier_mkfs_of_its_size() {
+        let d = dir("stale");
+        let cache = d.0.join("cache");
+        fs::create_dir_all(&cache).unwrap();
+        let old = [
+            "scratch-64M-0123456789abcdef.ext4",
+            "scratch-64M-0123456789abcdef.lock",
+        ];
+        let other_size = "scratch-128M-0123456789abcdef.ext4";
+        for n in old.iter().chain([&other_size]) {
+            fs::write(cache.join(n), b"").unwrap();
+        }
+        disk(&d.0.join("disk"), 64, &cache).unwrap();
+        for n in old {
+            assert!(!cache.join(n).exists(), "{n} is left");
+        }
+        assert!(
+            cache.join(other_size).exists(),
+            "another size's template is kept"
+        );
+        let names: Vec<String> = fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
     }
 
     #[test]
