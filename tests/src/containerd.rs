@@ -250,21 +250,31 @@ impl Containerd {
         PathBuf::from(format!("/proc/{}/ns/mnt", self.child.id()))
     }
 
-    /// The pid of the shim serving container `id` (panics if there is none).
+    /// The pid of the shim serving container `id` (panics unless there is one).
     pub fn shim_pid(&self, id: &str) -> u32 {
-        let out = Command::new("pgrep")
-            .args([
-                "-f",
-                &format!(
-                    "containerd-shim-kubevirt-v1 .*-id {id} .*{}",
-                    self.dir.display()
-                ),
-            ])
-            .output()
-            .expect("pgrep");
-        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        pid.parse()
-            .unwrap_or_else(|_| panic!("no shim process for {id}: {pid:?}"))
+        let pattern = format!(
+            "containerd-shim-kubevirt-v1 .*-id {id} .*{}",
+            self.dir.display()
+        );
+        match pids_matching(&pattern)[..] {
+            [pid] => pid,
+            ref found => panic!("no single shim process for {id}: {found:?}"),
+        }
+    }
+
+    /// The `pgrep -f` patterns of this containerd's shims and of their VM processes (QEMU).
+    pub fn pod_process_patterns(&self) -> [String; 2] {
+        let dir = self.dir.display();
+        [
+            format!("containerd-shim-kubevirt-v1 .*{dir}"),
+            format!("qemu-system.*{dir}"),
+        ]
+    }
+
+    /// The pids of this containerd's shims and of their VM processes (QEMU).
+    pub fn pod_pids(&self) -> (Vec<u32>, Vec<u32>) {
+        let [shims, vms] = self.pod_process_patterns();
+        (pids_matching(&shims), pids_matching(&vms))
     }
 
     pub fn log(&self) -> String {
@@ -332,6 +342,18 @@ impl Containerd {
     }
 }
 
+/// The pids of the processes whose command line matches `pattern` (`pgrep -f`).
+pub fn pids_matching(pattern: &str) -> Vec<u32> {
+    Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -347,17 +369,8 @@ impl Drop for Containerd {
             );
         }
         // Shims and VMs of pods a failed test left running (each names our directory).
-        let dir = self.dir.display().to_string();
-        let shims = format!("containerd-shim-kubevirt-v1 .*{dir}");
-        let shim_pids: Vec<u32> = Command::new("pgrep")
-            .args(["-f", &shims])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        for pattern in [shims, format!("qemu-system.*{dir}")] {
+        let (shim_pids, _) = self.pod_pids();
+        for pattern in self.pod_process_patterns() {
             let _ = Command::new("pkill").args(["-9", "-f", &pattern]).status();
         }
         // What `containerd-shim-kubevirt-v1 delete` removes after a dead shim: its QEMU's

@@ -144,7 +144,7 @@ pub fn pod_processes_memory(c: &Containerd) -> (Memory, Memory) {
         }
         m
     };
-    let (shims, vms) = pod_pids(c);
+    let (shims, vms) = c.pod_pids();
     (sum(shims), sum(vms))
 }
 
@@ -155,7 +155,7 @@ fn pod_processes_cpu(c: &Containerd) -> (CpuByPid, CpuByPid) {
             .map(|p| (p, crate::blkbench::process_cpu(p)))
             .collect()
     };
-    let (shims, vms) = pod_pids(c);
+    let (shims, vms) = c.pod_pids();
     (each(shims), each(vms))
 }
 
@@ -170,25 +170,6 @@ fn cpu_rate(before: &CpuByPid, after: &CpuByPid, window: Duration) -> (f64, f64)
         .collect();
     let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
     (mean, rates.iter().copied().fold(0.0, f64::max))
-}
-
-/// The shims and the VM processes (QEMU) of `c`'s pods.
-fn pod_pids(c: &Containerd) -> (Vec<u32>, Vec<u32>) {
-    let dir = c.dir.display().to_string();
-    let pgrep = |pattern: String| -> Vec<u32> {
-        let out = std::process::Command::new("pgrep")
-            .args(["-f", &pattern])
-            .output()
-            .expect("pgrep");
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
-    };
-    (
-        pgrep(format!("containerd-shim-kubevirt-v1 .*{dir}")),
-        pgrep(format!("qemu-system.*{dir}")),
-    )
 }
 
 fn mib(b: u64) -> String {

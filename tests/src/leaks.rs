@@ -47,10 +47,7 @@ pub fn assert_nothing_left(c: &Containerd, netns: Option<&NetNs>) {
         let left = mounts_under(&table, &dir);
         assert!(left.is_empty(), "mounts left behind in {table}: {left:?}");
     }
-    for pattern in [
-        format!("qemu-system.*{dir}"),
-        format!("containerd-shim-kubevirt-v1 .*{dir}"),
-    ] {
+    for pattern in c.pod_process_patterns() {
         let left = processes(&pattern);
         assert!(left.is_empty(), "processes left behind: {left}");
     }

@@ -215,6 +215,7 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Confine every VMM thread with its seccomp filter before the guest runs.
     pub seccomp: bool,
+    /// Run right before the VM starts (see [`StartGate`]).
     pub start_gate: Option<StartGate>,
 }
 
