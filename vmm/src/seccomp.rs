@@ -152,6 +152,7 @@ const DEVICE_EXTRA: &[i64] = &[
 /// A disk I/O thread: vectored reads and writes at an offset, syncs, hole punching.
 const DISK_IO_EXTRA: &[i64] = &[
     libc::SYS_preadv,
+    libc::SYS_preadv2,
     libc::SYS_pwritev,
     libc::SYS_pread64,
     libc::SYS_pwrite64,

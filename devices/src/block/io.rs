@@ -42,6 +42,9 @@ pub(crate) struct Disk {
     pub block_size: u64,
     /// A medium in a slot may be smaller than the slot: reads past its end are zeros.
     pub zero_past_end: bool,
+    /// Reads may ask the page cache alone (RWF_NOWAIT); cleared the first time the file
+    /// system refuses the flag.
+    nowait_reads: AtomicBool,
 }
 
 impl Disk {
@@ -95,6 +98,7 @@ impl Disk {
             size,
             block_size: meta.blksize().clamp(SECTOR_SIZE, 1 << 20),
             zero_past_end: false,
+            nowait_reads: AtomicBool::new(true),
         })
     }
 }
@@ -138,7 +142,7 @@ pub(crate) enum DiskSource {
 }
 
 impl DiskSource {
-    fn current(&self) -> Option<Arc<Disk>> {
+    pub(crate) fn current(&self) -> Option<Arc<Disk>> {
         match self {
             DiskSource::Fixed(d) => Some(d.clone()),
             DiskSource::Slot(s) => s.current(),
@@ -340,6 +344,28 @@ pub(crate) fn execute(disk: Option<&Disk>, id: &[u8; ID_LEN], job: Job) -> Done 
     finish(head, &req, &mem, result)
 }
 
+/// Serves a read on the caller's thread where the page cache holds all of its data
+/// (RWF_NOWAIT never waits for the disk); gives the job back, for an I/O thread, where any
+/// of it would have to wait, or where the file system cannot answer from the cache alone.
+pub(crate) fn read_cached(disk: &Disk, job: Job) -> Result<Done, Job> {
+    let Op::Read { sector } = job.req.op else {
+        return Err(job);
+    };
+    if !disk.nowait_reads.load(Ordering::Relaxed) {
+        return Err(job);
+    }
+    let offset = sector * SECTOR_SIZE;
+    match transfer(disk, &job.mem, &job.req.data, offset, Dir::CachedRead) {
+        Ok(n) => Ok(finish(job.head, &job.req, &job.mem, Ok(n))),
+        Err(e) => {
+            if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
+                disk.nowait_reads.store(false, Ordering::Relaxed);
+            }
+            Err(job)
+        }
+    }
+}
+
 /// Answers `job` with an I/O error, doing nothing else.
 fn refuse(job: Job) -> Done {
     let refused = Err(io::Error::other("the I/O thread is not set up"));
@@ -376,6 +402,8 @@ fn finish(head: u16, req: &Request, mem: &GuestMemoryMmap, result: io::Result<u6
 enum Dir {
     Read,
     Write,
+    /// A read from the page cache only: anything short of all of it is `WouldBlock`.
+    CachedRead,
 }
 
 /// Moves the data of `segs` at byte `offset` of the disk, in batches of iovecs pointing
@@ -431,6 +459,11 @@ fn transfer_iovs(disk: &Disk, iovs: &mut [libc::iovec], offset: u64, dir: Dir) -
             Dir::Read => unsafe { libc::preadv(fd, rest.as_ptr(), rest.len() as i32, off) },
             // SAFETY: as above; the kernel only reads from the buffers.
             Dir::Write => unsafe { libc::pwritev(fd, rest.as_ptr(), rest.len() as i32, off) },
+            // SAFETY: as for `Read`; the flag only makes the call fail instead of waiting.
+            Dir::CachedRead => unsafe {
+                let (iovs, count) = (rest.as_ptr(), rest.len() as i32);
+                libc::preadv2(fd, iovs, count, off, libc::RWF_NOWAIT)
+            },
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -438,6 +471,11 @@ fn transfer_iovs(disk: &Disk, iovs: &mut [libc::iovec], offset: u64, dir: Dir) -
                 continue;
             }
             return Err(e);
+        }
+        if dir == Dir::CachedRead && (n as usize) < rest.iter().map(|v| v.iov_len).sum() {
+            // Part of it is not cached (or the end of the file is near): the I/O thread
+            // reads it all again, the normal way.
+            return Err(io::ErrorKind::WouldBlock.into());
         }
         if n == 0 {
             if disk.zero_past_end && matches!(dir, Dir::Read) {

@@ -4,7 +4,10 @@
 //! disk's I/O threads ([`io`], two per disk), so slow file I/O never stalls the event loop
 //! serving other devices. The workers write data and status into guest memory and signal
 //! an eventfd ([`VirtioDevice::backend_fd`]); `process_backend` then returns the chains.
+//! A small request the driver waits on alone is answered at once where that cannot stall
+//! anything ([`inline`]): the hand-off costs more than the work.
 
+mod inline;
 mod io;
 mod media;
 pub mod request;
@@ -13,6 +16,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -23,6 +27,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use self::inline::InlineWrites;
 use self::io::{Disk, DiskSource, Done, Job, Worker};
 pub use self::media::MediaSlot;
 use self::request::{DiskInfo, Op, Parsed, ID_LEN, MAX_RANGE_SECTORS, SECTOR_SIZE};
@@ -112,6 +117,11 @@ pub struct Block {
     config_space: [u8; CONFIG_LEN],
     /// Written by the worker for each finished request.
     completions: EventFd,
+    /// The disk the worker serves, for requests answered on the queue's thread.
+    source: DiskSource,
+    /// The serial, for GET_ID.
+    id: [u8; ID_LEN],
+    inline_writes: InlineWrites,
     worker: Worker,
     /// Requests handed to the worker and not yet returned to the queue.
     in_flight: usize,
@@ -177,8 +187,8 @@ impl Block {
             }
             None => DiskSource::Fixed(disk),
         };
-        let worker =
-            Worker::spawn(name, source, id, notify, IO_THREADS, setup).map_err(thread_err)?;
+        let worker = Worker::spawn(name, source.clone(), id, notify, IO_THREADS, setup)
+            .map_err(thread_err)?;
         let limiter = Limiter::new(config.rate).map_err(|e| BlockError::RateLimit {
             path: config.path.clone(),
             source: e,
@@ -194,6 +204,9 @@ impl Block {
             acked: 0,
             config_space,
             completions,
+            source,
+            id,
+            inline_writes: InlineWrites::default(),
             worker,
             in_flight: 0,
             throttled: false,
@@ -234,7 +247,12 @@ impl Block {
                     break;
                 };
                 popped = true;
-                match self.start(chain, q, mem) {
+                // Nothing in flight and nothing else waiting: a request a driver waits on
+                // alone, where latency is all that counts.
+                let lone = self.in_flight == 0
+                    && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                        .is_ok_and(|a| a.0 == q.next_avail());
+                match self.start(chain, lone, q, mem) {
                     Some(answered) => used |= answered,
                     None => {
                         // Over the rate limit: the chain goes back on the ring, and the
@@ -260,10 +278,12 @@ impl Block {
     }
 
     /// Starts one request; returns whether it was answered (added to the used ring) at once,
-    /// or `None` where the rate limit holds it back (nothing was done with it).
+    /// or `None` where the rate limit holds it back (nothing was done with it). A `lone`
+    /// request may be answered here, without the I/O threads (see [`inline`]).
     fn start(
         &mut self,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        lone: bool,
         q: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Option<bool> {
@@ -281,11 +301,20 @@ impl Block {
                     }
                 }
                 let at = req.status;
-                let job = Job {
+                let mut job = Job {
                     head,
                     req,
                     mem: mem.clone(),
                 };
+                if lone {
+                    match self.answer_here(job) {
+                        Ok(done) => {
+                            self.count(&done);
+                            return Some(add_used(q, mem, done.head, done.used_len));
+                        }
+                        Err(back) => job = back,
+                    }
+                }
                 match self.worker.submit(job) {
                     Ok(()) => {
                         self.in_flight += 1;
@@ -312,6 +341,34 @@ impl Block {
             let _ = mem.write_obj(status, at);
         }
         Some(add_used(q, mem, head, used_len))
+    }
+
+    /// Answers a lone request on this thread where [`inline`] allows it; gives it back
+    /// for the I/O threads otherwise.
+    fn answer_here(&mut self, job: Job) -> Result<Done, Job> {
+        if job.req.len > inline::MAX_BYTES {
+            return Err(job);
+        }
+        let Some(disk) = self.source.current() else {
+            return Err(job);
+        };
+        match job.req.op {
+            Op::Read { .. } => io::read_cached(&disk, job),
+            Op::Write { sector } => {
+                let started = Instant::now();
+                if !self
+                    .inline_writes
+                    .allows(sector * SECTOR_SIZE, job.req.len, started)
+                {
+                    return Err(job);
+                }
+                let done = io::execute(Some(&disk), &self.id, job);
+                let now = Instant::now();
+                self.inline_writes.finished(now - started, now);
+                Ok(done)
+            }
+            _ => Err(job),
+        }
     }
 
     /// Queue 0, set to follow the negotiated EVENT_IDX whichever transport set it up
@@ -438,6 +495,10 @@ impl VirtioDevice for Block {
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
         // Nothing is writable: the writeback toggle (CONFIG_WCE) is not offered.
+    }
+
+    fn set_own_thread(&mut self) {
+        self.inline_writes.set_own_thread();
     }
 
     fn process_queue(

@@ -64,6 +64,9 @@ pub trait VirtioDevice: Send {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// The transport serves this device on a thread that serves no other device (a
+    /// vhost-user back end per device): the device may do short blocking work there itself.
+    fn set_own_thread(&mut self) {}
     /// The driver finished setting up (DRIVER_OK); the device may start its back end.
     fn activate(&mut self) -> Result<(), ActivateError> {
         Ok(())

@@ -462,7 +462,9 @@ fn blk_section(
          of {} entries in a shared memfd, EVENT_IDX negotiated, requests written and reaped \
          by one thread) drives each back end over its unix socket. Ours: \
          `vmm::vhost_user::serve` on `devices::block::Block` in a process of its own \
-         (`kubevirt-bench --serve-blk`). Peer: {qsd_version}, `--blockdev \
+         (`kubevirt-bench --serve-blk`); a small request the driver waits on alone (a read \
+         the page cache holds, a write of whole pages) is answered on the queue's thread, \
+         every other one by the disk's two I/O threads (devices/src/block/inline.rs). Peer: {qsd_version}, `--blockdev \
          driver=file,cache.direct=off --export type=vhost-user-blk`. Both serve the same \
          {IMAGE_MIB} MiB raw file (fully written first) with buffered I/O, so the page \
          cache is in play for both: reads are served from memory and writes land in the \

@@ -185,7 +185,11 @@ fn confine(seccomp: bool, name: &str) -> Result<(), VhostUserError> {
 
 /// The library's daemon for `device`, its back-end descriptor watched by every vring worker.
 fn daemon(name: &str, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<Daemon, VhostUserError> {
-    let backend_fd: Option<RawFd> = lock(&device).backend_fd();
+    let backend_fd: Option<RawFd> = {
+        let mut d = lock(&device);
+        d.set_own_thread();
+        d.backend_fd()
+    };
     let adapter = Arc::new(Mutex::new(VhostUserDevice::new(device)));
     let queues = lock(&adapter).queue_count();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
