@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -255,9 +255,12 @@ pub fn render(info: &VmInfo) -> String {
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most of a request head read; what follows is not.
 const MAX_REQUEST: u64 = 8 << 10;
-/// Clients answered at once by the node's exporter; more are closed at once (a scraper
+/// Clients answered at once by the node's exporter; more are told to come back (a scraper
 /// needs one, and a stuck client holds only its own).
 const MAX_CLIENTS: usize = 8;
+/// How long the exporter waits for an over-limit client's request before closing: closing
+/// with its request unread would reset the connection and lose the answer.
+const REFUSE_WAIT: Duration = Duration::from_millis(50);
 
 fn respond(mut conn: impl Read + Write, body: &str) {
     // Read the request head; whatever it asks, the answer is the metrics.
@@ -271,6 +274,18 @@ fn respond(mut conn: impl Read + Write, body: &str) {
         "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
+}
+
+/// Answers a client over [`MAX_CLIENTS`] with 503 and `Retry-After`, on the accepting
+/// thread: the answer fits any socket buffer, and the wait for its request is short.
+fn refuse(mut conn: TcpStream) {
+    let _ = conn.set_write_timeout(Some(REFUSE_WAIT));
+    let _ = conn.write_all(
+        b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n",
+    );
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let _ = conn.set_read_timeout(Some(REFUSE_WAIT));
+    let _ = std::io::copy(&mut (&mut conn).take(MAX_REQUEST), &mut std::io::sink());
 }
 
 /// Answers `GET /metrics` on `<dir>/metrics.sock` for as long as this shim lives.
@@ -323,6 +338,7 @@ fn serve_node(l: TcpListener, state_dir: &Path) {
     for conn in l.incoming().flatten() {
         if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
             clients.fetch_sub(1, Ordering::SeqCst);
+            refuse(conn);
             continue;
         }
         let (mine, state_dir) = (clients.clone(), state_dir.to_owned());
@@ -476,6 +492,37 @@ mod tests {
             t0.elapsed()
         );
         flood.join().unwrap();
+    }
+
+    #[test]
+    fn clients_over_the_limit_are_told_to_come_back() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/kv-exporter-").unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let state = dir.as_path().to_owned();
+        std::thread::spawn(move || serve_node(l, &state));
+        // Clients that say nothing hold every place for CLIENT_TIMEOUT.
+        let idle: Vec<_> = (0..MAX_CLIENTS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // Accepted in order: the next one finds every place taken.
+        let t0 = std::time::Instant::now();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.0 503 Service Unavailable\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("\r\nRetry-After: 1\r\n"), "{text}");
+        assert!(
+            t0.elapsed() < CLIENT_TIMEOUT,
+            "answered after {:?}",
+            t0.elapsed()
+        );
+        drop(idle);
     }
 
     #[test]
