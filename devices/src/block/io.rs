@@ -166,6 +166,44 @@ struct Queued {
     jobs: VecDeque<Job>,
     /// The device is done with the queue: the threads end once it is empty.
     closed: bool,
+    /// Changes of the disk the threads are making.
+    changes: usize,
+    /// One of them is a long one (see [`Change`]).
+    long_change: bool,
+}
+
+/// Writes, discards and write-zeroes hold the file's inode lock for all of their work.
+/// Small writes still gain from a second thread (their work outside the lock overlaps), but
+/// beside a long change a second thread only spins on the lock (a core lost, not a write
+/// gained): a long change runs alone among changes, while reads go on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    None,
+    Short,
+    Long,
+}
+
+/// Writes larger than this are long changes.
+const LONG_WRITE: u64 = 64 << 10;
+
+impl Job {
+    fn change(&self) -> Change {
+        match self.req.op {
+            Op::Write { .. } if self.req.len <= LONG_WRITE => Change::Short,
+            Op::Write { .. } | Op::Discard { .. } | Op::WriteZeroes { .. } => Change::Long,
+            Op::Read { .. } | Op::Flush | Op::GetId => Change::None,
+        }
+    }
+}
+
+impl Queued {
+    fn may_start(&self, change: Change) -> bool {
+        match change {
+            Change::None => true,
+            Change::Short => !self.long_change,
+            Change::Long => self.changes == 0,
+        }
+    }
 }
 
 impl JobQueue {
@@ -185,17 +223,37 @@ impl JobQueue {
         Ok(())
     }
 
-    /// The next job, waiting for one; `None` once the queue is closed and empty.
+    /// The next job in arrival order that may start beside the changes under way (see
+    /// [`Change`]), waiting for one; `None` once the queue is closed and empty. The
+    /// caller of a change reports its end with [`JobQueue::changed`].
     fn pop(&self) -> Option<Job> {
         let mut q = self.lock();
         loop {
-            if let Some(job) = q.jobs.pop_front() {
+            let next = q.jobs.iter().position(|j| q.may_start(j.change()));
+            if let Some(job) = next.and_then(|i| q.jobs.remove(i)) {
+                match job.change() {
+                    Change::None => {}
+                    Change::Short => q.changes += 1,
+                    Change::Long => (q.changes, q.long_change) = (1, true),
+                }
                 return Some(job);
             }
-            if q.closed {
+            if q.closed && q.jobs.is_empty() {
                 return None;
             }
             q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// A change taken by `pop` is done: those it held back may start.
+    fn changed(&self, change: Change) {
+        let mut q = self.lock();
+        q.changes = q.changes.saturating_sub(1);
+        q.long_change &= change != Change::Long;
+        let waiting = !q.jobs.is_empty();
+        drop(q);
+        if waiting {
+            self.ready.notify_one();
         }
     }
 
@@ -256,10 +314,14 @@ impl Worker {
                     }
                     // Ends when the device closes the queue.
                     while let Some(job) = queue.pop() {
+                        let change = job.change();
                         let done = match &set_up {
                             Ok(()) => execute(disk.current().as_deref(), &id, job),
                             Err(_) => refuse(job),
                         };
+                        if change != Change::None {
+                            queue.changed(change);
+                        }
                         if done_tx.send(done).is_err() {
                             break;
                         }
@@ -635,6 +697,59 @@ mod tests {
                 len,
             })
             .collect()
+    }
+
+    /// Job `head` doing `op` on `len` bytes.
+    fn job(head: u16, op: Op, len: u64) -> Job {
+        Job {
+            head,
+            req: Request {
+                op,
+                data: Vec::new(),
+                len,
+                status: GuestAddress(0),
+            },
+            mem: GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_long_change_runs_alone_among_changes_while_reads_go_on() {
+        let q = JobQueue::default();
+        let (read, write) = (Op::Read { sector: 0 }, Op::Write { sector: 0 });
+        let discard = Op::Discard {
+            sector: 0,
+            sectors: 8,
+        };
+        for (head, op, len) in [
+            (0, write, LONG_WRITE + 512),
+            (1, write, 4096),
+            (2, read, 4096),
+            (3, discard, 0),
+            (4, read, 1 << 20),
+        ] {
+            q.push(job(head, op, len)).unwrap();
+        }
+        let pop = || q.pop().unwrap().head;
+        // The long write starts; the short write waits for it, reads do not.
+        assert_eq!(pop(), 0);
+        assert_eq!(pop(), 2);
+        assert_eq!(pop(), 4);
+        q.changed(Change::Long);
+        // Short changes may run side by side, but not beside a long one.
+        assert_eq!(q.pop().unwrap().head, 1);
+        q.push(job(5, write, 512)).unwrap();
+        assert_eq!(
+            q.pop().unwrap().head,
+            5,
+            "the discard waits for both writes"
+        );
+        q.changed(Change::Short);
+        q.changed(Change::Short);
+        assert_eq!(q.pop().unwrap().head, 3);
+        q.changed(Change::Long);
+        q.close();
+        assert!(q.pop().is_none());
     }
 
     #[test]
