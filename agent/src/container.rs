@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container as Runtime;
-use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -19,6 +17,7 @@ use crate::error::{AgentError, Result};
 use crate::init::RUN_DIR;
 use crate::podinit::PodInit;
 use crate::reaper::{Exit, Exits};
+use crate::runtime_helper::{self, runtime_root, Job};
 use crate::spec;
 use crate::stdio::{ConsoleSocket, Stdio};
 use crate::storage::{check_name, Rootfs, SharedDisks};
@@ -58,14 +57,10 @@ pub struct Containers {
     disks: SharedDisks,
     exits: Arc<Exits>,
     oom: Arc<OomWatcher>,
-    /// Creates and execs one at a time: libcontainer's builders fork and wait on helpers.
+    /// Creates and execs one at a time: an id is checked free until its process is recorded.
     runtime_lock: Mutex<()>,
     /// The PID namespace the pod's containers share (shareProcessNamespace).
     pod_init: PodInit,
-}
-
-fn runtime_root() -> PathBuf {
-    Path::new(RUN_DIR).join("libcontainer")
 }
 
 /// Parses a signal number, refusing ones the kernel does not know.
@@ -74,11 +69,16 @@ fn signal(n: u32) -> Result<Signal> {
         .map_err(|_| AgentError::invalid("signal", format!("{n} is not a signal")))
 }
 
-/// Writes a process's spec for libcontainer and builds it with the right stdio.
-fn builder_for(id: &str, terminal: bool, stdin: bool) -> Result<(ContainerBuilder, StdioPending)> {
-    let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
-        .with_root_path(runtime_root())
-        .map_err(AgentError::runtime("runtime root"))?;
+/// A new process's stdio: pipes, or a terminal that arrives on a console socket.
+struct NewStdio {
+    pending: StdioPending,
+    /// The console socket's path, for the runtime.
+    console: Option<PathBuf>,
+    /// The process's stdin, stdout and stderr.
+    child: [std::os::fd::OwnedFd; 3],
+}
+
+fn stdio_for(terminal: bool, stdin: bool) -> Result<NewStdio> {
     if terminal {
         // A socket path must fit in 108 bytes; CRI container and exec ids are 64 characters
         // each, so console sockets get short names of their own.
@@ -87,15 +87,18 @@ fn builder_for(id: &str, terminal: bool, stdin: bool) -> Result<(ContainerBuilde
         fs::create_dir_all(&ttys).map_err(AgentError::io(format!("create {}", ttys.display())))?;
         let path = ttys.join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
         let socket = ConsoleSocket::bind(&path)?;
-        b = b.with_console_socket(Some(&path));
-        Ok((b, StdioPending::Terminal(socket, path)))
+        Ok(NewStdio {
+            console: Some(path.clone()),
+            pending: StdioPending::Terminal(socket, path),
+            child: runtime_helper::null_stdio()?,
+        })
     } else {
         let (stdio, child) = Stdio::pipes(stdin)?;
-        b = b
-            .with_stdin(child.stdin)
-            .with_stdout(child.stdout)
-            .with_stderr(child.stderr);
-        Ok((b, StdioPending::Ready(stdio)))
+        Ok(NewStdio {
+            pending: StdioPending::Ready(stdio),
+            console: None,
+            child: [child.stdin, child.stdout, child.stderr],
+        })
     }
 }
 
@@ -106,6 +109,13 @@ enum StdioPending {
 }
 
 impl StdioPending {
+    /// The process was not made: its console socket goes.
+    fn abandon(self) {
+        if let StdioPending::Terminal(_, path) = self {
+            let _ = fs::remove_file(path);
+        }
+    }
+
     fn finish(self) -> Result<Stdio> {
         match self {
             StdioPending::Ready(s) => Ok(s),
@@ -250,23 +260,48 @@ impl Containers {
             .unwrap_or(false);
         spec.save(dir.join("config.json"))
             .map_err(|e| AgentError::invalid("OCI spec", e.to_string()))?;
-        let (builder, stdio) = builder_for(o.id, terminal, o.stdin)?;
-        let runtime = builder
-            .as_init(dir)
-            .with_systemd(false)
-            .with_detach(true)
-            .build()
-            .map_err(AgentError::runtime(format!("create container {}", o.id)))?;
-        let pid = runtime
-            .pid()
-            .ok_or_else(|| AgentError::Runtime {
-                what: format!("create container {}", o.id),
-                why: "no init pid".into(),
-            })?
-            .as_raw();
-        let stdio = stdio.finish()?;
-        log::info!("container {}: created, init pid {pid}", o.id);
-        Ok((runtime, Process { pid, stdio }))
+        let what = format!("create container {}", o.id);
+        let job = Job::Create { bundle: dir };
+        let (pid, pending) = self.build(&what, o.id, job, stdio_for(terminal, o.stdin)?)?;
+        let ready = || -> Result<(Runtime, Stdio)> {
+            let runtime =
+                Runtime::load(runtime_root().join(o.id)).map_err(AgentError::runtime(&what))?;
+            Ok((runtime, pending.finish()?))
+        };
+        match ready() {
+            Ok((runtime, stdio)) => {
+                log::info!("container {}: created, init pid {pid}", o.id);
+                Ok((runtime, Process { pid, stdio }))
+            }
+            Err(e) => {
+                // Stopped before its exec, it would wait for a start for ever.
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                Err(e)
+            }
+        }
+    }
+
+    /// Has the runtime helper build a process with `stdio`; returns its PID and the stdio
+    /// still to finish (a terminal arrives once the process exists).
+    fn build(
+        &self,
+        what: &str,
+        id: &str,
+        job: Job<'_>,
+        stdio: NewStdio,
+    ) -> Result<(i32, StdioPending)> {
+        let NewStdio {
+            pending,
+            console,
+            child,
+        } = stdio;
+        match runtime_helper::run(&self.exits, what, id, job, console.as_deref(), child) {
+            Ok(pid) => Ok((pid, pending)),
+            Err(e) => {
+                pending.abandon();
+                Err(e)
+            }
+        }
     }
 
     pub fn start(&self, id: &str) -> Result<u32> {
@@ -302,17 +337,18 @@ impl Containers {
         let json = serde_json::to_vec(&process)
             .map_err(|e| AgentError::invalid("OCI process", e.to_string()))?;
         fs::write(&path, json).map_err(AgentError::io(format!("write {}", path.display())))?;
-        let (builder, stdio) = builder_for(id, terminal, stdin)?;
-        let built = builder
-            .as_tenant()
-            .with_detach(true)
-            .with_process(Some(&path))
-            .build();
+        let what = format!("exec {exec_id} in {id}");
+        let job = Job::Exec { process: &path };
+        let built = stdio_for(terminal, stdin).and_then(|s| self.build(&what, id, job, s));
         let _ = fs::remove_file(&path);
-        let pid = built
-            .map_err(AgentError::runtime(format!("exec {exec_id} in {id}")))?
-            .as_raw();
-        let stdio = stdio.finish()?;
+        let (pid, stdio) = built?;
+        let stdio = match stdio.finish() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(e);
+            }
+        };
         c.processes
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -12,7 +12,9 @@ mod network;
 mod podinit;
 mod ports;
 mod reaper;
+mod reexec;
 mod resources;
+mod runtime_helper;
 mod sandbox;
 mod service;
 mod spec;
@@ -76,28 +78,32 @@ fn serve() -> Result<(), String> {
 }
 
 fn main() {
-    // The same binary is the pod's shared PID namespace's init (see `podinit`).
-    if std::env::args_os()
-        .next()
-        .is_some_and(|a| a == podinit::NAME)
-    {
+    // Rust starts us with SIGPIPE ignored, and containers (which the runtime helper starts)
+    // would inherit that through fork and exec: a `yes | head` pipeline would never end.
+    // PID 1 never dies of a signal it has no handler for, so the default costs the agent
+    // nothing.
+    // SAFETY: setting a signal's disposition to the default, before any thread starts.
+    let sigpipe = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
+    // The same binary is the pod's shared PID namespace's init (see `podinit`) and the
+    // helper that runs the container runtime (see `runtime_helper`).
+    let argv0 = std::env::args_os().next();
+    if argv0.as_ref().is_some_and(|a| a == podinit::NAME) {
         podinit::serve();
+    }
+    if argv0.as_ref().is_some_and(|a| a == runtime_helper::NAME) {
+        runtime_helper::serve();
     }
     logger::init(log::LevelFilter::Info);
     if nix::unistd::getpid().as_raw() != 1 {
         eprintln!("kubevirt-agent is the guest's init: it must run as PID 1 inside the pod VM");
         std::process::exit(1);
     }
-    // Rust starts us with SIGPIPE ignored, and containers would inherit that through fork
-    // and exec (a `yes | head` pipeline would never end). PID 1 never dies of a signal it
-    // has no handler for, so the default costs the agent nothing.
-    // SAFETY: setting a signal's disposition to the default, before any thread starts.
-    if let Err(e) = unsafe {
-        nix::sys::signal::signal(
-            nix::sys::signal::Signal::SIGPIPE,
-            nix::sys::signal::SigHandler::SigDfl,
-        )
-    } {
+    if let Err(e) = sigpipe {
         log::warn!("cannot restore SIGPIPE's default: {e}");
     }
     if let Err(e) = serve() {

@@ -11,7 +11,8 @@ use std::sync::Mutex;
 use nix::sched::CloneFlags;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use crate::error::{AgentError, Result};
+use crate::error::Result;
+use crate::reexec;
 
 /// The name the agent binary answers to as the pod's init (its argv[0]).
 pub const NAME: &str = "pause";
@@ -34,35 +35,11 @@ impl PodInit {
     }
 }
 
-/// Starts this binary as `pause`, PID 1 of a new PID namespace; returns its PID here.
+/// Starts this binary as `pause`, PID 1 of a new PID namespace; returns its PID here. The
+/// agent's descriptors are not pause's business: a container's pipe held open there would
+/// never see its end, so it gets none.
 fn start() -> Result<i32> {
-    let exe = CString::new("/proc/self/exe").unwrap_or_default();
-    let name = CString::new(NAME).unwrap_or_default();
-    let argv = [name.as_ptr(), std::ptr::null()];
-    // The child runs on this stack in its own copy of the agent's memory, and only makes
-    // system calls: the agent's other threads may hold locks it must not touch.
-    let mut stack = vec![0u8; 64 << 10];
-    let child = Box::new(|| {
-        // SAFETY: close_range, execv and _exit take no locks and allocate nothing; the
-        // strings live in this (copied) frame. The agent's descriptors are not pause's
-        // business: a container's pipe held open here would never see its end.
-        unsafe {
-            libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0);
-            libc::execv(exe.as_ptr(), argv.as_ptr());
-            libc::_exit(127)
-        }
-    });
-    // SAFETY: the child only runs the closure above (see there); its stack outlives the
-    // call, as the child has a copy of it.
-    let pid = unsafe {
-        nix::sched::clone(
-            child,
-            &mut stack,
-            CloneFlags::CLONE_NEWPID,
-            Some(libc::SIGCHLD),
-        )
-    }
-    .map_err(AgentError::sys("start the pod's PID namespace"))?;
+    let pid = reexec::spawn(NAME, &[], &[], CloneFlags::CLONE_NEWPID)?;
     log::info!("pod PID namespace: pause is pid {pid}");
     Ok(pid.as_raw())
 }

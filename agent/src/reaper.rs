@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -68,6 +68,23 @@ impl Exits {
         }
     }
 
+    /// As [`Exits::wait`], giving up after `limit`.
+    pub fn wait_for(&self, pid: i32, limit: Duration) -> Option<Exit> {
+        let deadline = Instant::now() + limit;
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((_, exit)) = done.get(&pid) {
+                return Some(*exit);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            done = self
+                .cond
+                .wait_timeout(done, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// The exit of `pid` if it has ended.
     pub fn try_get(&self, pid: i32) -> Option<Exit> {
         self.done
@@ -110,4 +127,23 @@ pub fn spawn() -> std::io::Result<Arc<Exits>> {
             }
         })?;
     Ok(exits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_for_gives_up_at_its_limit_and_sees_a_later_exit() {
+        let exits = Arc::new(Exits::default());
+        let started = Instant::now();
+        assert_eq!(exits.wait_for(7, Duration::from_millis(50)), None);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let e = exits.clone();
+        let t = std::thread::spawn(move || e.wait_for(7, Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        exits.record(7, 3);
+        assert_eq!(t.join().unwrap().map(|e| e.status), Some(3));
+        assert_eq!(exits.wait_for(7, Duration::ZERO).map(|e| e.status), Some(3));
+    }
 }

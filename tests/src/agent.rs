@@ -383,6 +383,22 @@ pub fn container(id: &str) -> ContainerRequest {
     }
 }
 
+/// Runs `args` in running container `id` as exec `exec_id` (output by pipes, no stdin).
+pub fn exec(
+    agent: &AgentClient,
+    id: &str,
+    exec_id: &str,
+    args: &[&str],
+) -> protocol::ttrpc::Result<u32> {
+    let req = ExecProcessRequest {
+        container_id: id.into(),
+        exec_id: exec_id.into(),
+        process: process(args),
+        ..Default::default()
+    };
+    agent.exec_process(ctx(), &req).map(|r| r.pid)
+}
+
 pub fn proc_req(id: &str, exec_id: &str) -> ProcessRequest {
     ProcessRequest {
         container_id: id.into(),

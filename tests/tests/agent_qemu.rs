@@ -130,15 +130,7 @@ fn container_lifecycle_echo_exit_code_exec_signal_stats() {
     .unwrap();
     let pid = a.start_container(ctx(), &container("sleeper")).unwrap().pid;
     assert!(pid > 1);
-    let exec = |id: &str, args: &[&str]| {
-        let req = ExecProcessRequest {
-            container_id: "sleeper".into(),
-            exec_id: id.into(),
-            process: process(args),
-            ..Default::default()
-        };
-        a.exec_process(ctx(), &req).unwrap()
-    };
+    let exec = |id: &str, args: &[&str]| exec(a, "sleeper", id, args).unwrap();
     exec(
         "e1",
         &[
@@ -461,14 +453,8 @@ fn malformed_requests_are_refused_clearly_and_the_agent_keeps_serving() {
         Code::INVALID_ARGUMENT,
         "stay inside it",
     );
-    let exec = ExecProcessRequest {
-        container_id: "ghost".into(),
-        exec_id: "e".into(),
-        process: process(&["true"]),
-        ..Default::default()
-    };
     refused(
-        a.exec_process(ctx(), &exec).map(drop),
+        exec(a, "ghost", "e", &["true"]).map(drop),
         Code::NOT_FOUND,
         "ghost",
     );
@@ -503,6 +489,27 @@ fn malformed_requests_are_refused_clearly_and_the_agent_keeps_serving() {
     );
     let (out, _, code) = run_to_end(a, "c");
     assert_eq!((out.as_str(), code), ("fine\n", 0));
+    a.remove_container(ctx(), &container("c")).unwrap();
+
+    // The runtime's refusals come back whole, and the next exec runs: a program the image
+    // lacks, in a running container.
+    create(
+        a,
+        "c",
+        "img",
+        "s0",
+        spec(&["sleep", "1000"], serde_json::json!({})),
+    )
+    .unwrap();
+    a.start_container(ctx(), &container("c")).unwrap();
+    refused(
+        exec(a, "c", "missing", &["/no/such/program"]).map(drop),
+        Code::INTERNAL,
+        "executable '/no/such/program' not found",
+    );
+    exec(a, "c", "e", &["echo", "after"]).unwrap();
+    let out = String::from_utf8(read_all(a, "c", "e", false)).unwrap();
+    assert_eq!(out, "after\n");
     a.ping(ctx(), &PingRequest::new()).unwrap();
     // A killed VMM takes its QEMU along (a parent-death signal): no VM outlives it.
     let mut vm = vm;
