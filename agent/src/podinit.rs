@@ -12,7 +12,7 @@ use nix::sched::CloneFlags;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 use crate::error::Result;
-use crate::reexec;
+use crate::reexec::{self, Layout};
 
 /// The name the agent binary answers to as the pod's init (its argv[0]).
 pub const NAME: &str = "pause";
@@ -39,7 +39,7 @@ impl PodInit {
 /// agent's descriptors are not pause's business: a container's pipe held open there would
 /// never see its end, so it gets none.
 fn start() -> Result<i32> {
-    let pid = reexec::spawn(NAME, &[], &[], CloneFlags::CLONE_NEWPID)?;
+    let pid = reexec::spawn(NAME, &[], &[], CloneFlags::CLONE_NEWPID, Layout::Random)?;
     log::info!("pod PID namespace: pause is pid {pid}");
     Ok(pid.as_raw())
 }

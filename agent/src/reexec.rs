@@ -13,11 +13,31 @@ use crate::error::{AgentError, Result};
 
 /// The most descriptors a child is handed.
 const MAX_FDS: usize = 4;
+/// personality(2)'s argument that only reads the current persona.
+const QUERY: libc::c_ulong = 0xffff_ffff;
+const NO_RANDOMIZE: libc::c_ulong = libc::ADDR_NO_RANDOMIZE as libc::c_ulong;
+
+/// How the child is laid out in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Random,
+    /// The same addresses every time (ADDR_NO_RANDOMIZE), for a child started often: an
+    /// emulator (QEMU's TCG) keys the code it translated by virtual address, so a child at
+    /// a new random address translates all its code again, every time. The child must
+    /// clear the flag (see [`randomize_from_here`]) so that what it execs is randomized.
+    Fixed,
+}
 
 /// Runs /proc/self/exe as `name` with `args`, in the namespaces `flags` asks for. The child
 /// gets `fds[i]` as descriptor `i` and no other descriptor above 2 (0 to 2 stay the agent's
 /// where `fds` does not cover them). Returns the child's PID; PID 1's reaper collects its exit.
-pub fn spawn(name: &str, args: &[&str], fds: &[RawFd], flags: CloneFlags) -> Result<Pid> {
+pub fn spawn(
+    name: &str,
+    args: &[&str],
+    fds: &[RawFd],
+    flags: CloneFlags,
+    layout: Layout,
+) -> Result<Pid> {
     if fds.len() > MAX_FDS {
         return Err(AgentError::invalid(
             "descriptors",
@@ -58,6 +78,10 @@ pub fn spawn(name: &str, args: &[&str], fds: &[RawFd], flags: CloneFlags) -> Res
                 }
             }
             libc::syscall(libc::SYS_close_range, keep, libc::c_uint::MAX, 0);
+            if layout == Layout::Fixed {
+                let persona = libc::personality(QUERY);
+                libc::personality(persona as libc::c_ulong | NO_RANDOMIZE);
+            }
             libc::execv(exe.as_ptr(), argv.as_ptr());
             libc::_exit(127)
         }
@@ -66,4 +90,21 @@ pub fn spawn(name: &str, args: &[&str], fds: &[RawFd], flags: CloneFlags) -> Res
     // call, as the child has a copy of it.
     unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
         .map_err(AgentError::sys(format!("start {name}")))
+}
+
+/// Undoes [`Layout::Fixed`] for what this process execs from now on (it is inherited).
+pub fn randomize_from_here() -> std::io::Result<()> {
+    // SAFETY: personality(2) only reads or sets this process's execution domain flags.
+    let persona = unsafe { libc::personality(QUERY) };
+    if persona < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let persona = persona as libc::c_ulong;
+    if persona & NO_RANDOMIZE != 0 {
+        // SAFETY: as above.
+        if unsafe { libc::personality(persona & !NO_RANDOMIZE) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

@@ -25,7 +25,7 @@ use nix::unistd::Pid;
 use crate::error::{AgentError, Result};
 use crate::init::RUN_DIR;
 use crate::reaper::Exits;
-use crate::reexec;
+use crate::reexec::{self, Layout};
 
 /// The name the agent binary answers to as the helper (its argv[0]).
 pub const NAME: &str = "kv-runtime";
@@ -83,7 +83,8 @@ pub fn run(
         stdio[2].as_raw_fd(),
         answer_w.as_raw_fd(),
     ];
-    let pid = reexec::spawn(NAME, &[op, id, path, console], &fds, CloneFlags::empty())?;
+    let args = [op, id, path, console];
+    let pid = reexec::spawn(NAME, &args, &fds, CloneFlags::empty(), Layout::Fixed)?;
     // Only the helper and what it starts hold these now.
     drop((stdio, answer_w));
     let Some(exit) = exits.wait_for(pid.as_raw(), LIMIT) else {
@@ -129,9 +130,16 @@ pub fn serve() -> ! {
     // The container's processes are cloned from here with every descriptor: the answer
     // pipe must not outlive their exec.
     let _ = fcntl(ANSWER_FD, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
-    std::panic::set_hook(Box::new(|info| answer(&format!("err panicked: {info}\n"))));
+    std::panic::set_hook(Box::new(|info| {
+        answer(&format!("err panicked: {info}\n"));
+        std::process::exit(1)
+    }));
     let args: Vec<String> = std::env::args().collect();
-    let (line, code) = match build(&args) {
+    // Started at fixed addresses (see reexec::Layout); the container's programs must not be.
+    let built = reexec::randomize_from_here()
+        .map_err(|e| LibcontainerError::Other(format!("restoring address randomization: {e}")))
+        .and_then(|()| build(&args));
+    let (line, code) = match built {
         Ok(pid) => (format!("ok {pid}\n"), 0),
         Err(e) => {
             let mut why = format!("err {e}");

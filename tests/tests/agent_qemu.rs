@@ -84,15 +84,15 @@ fn container_lifecycle_echo_exit_code_exec_signal_stats() {
         "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 512, "soft": 256}]
     }});
     let script =
-        "id -u; id -g; pwd; echo $GREETING; ulimit -n; ulimit -Hn; grep CapBnd /proc/self/status; ign=$(grep SigIgn /proc/self/status | cut -f2); echo sigpipe-ignored=$(( 0x$ign >> 12 & 1 ))";
+        "id -u; id -g; pwd; echo $GREETING; ulimit -n; ulimit -Hn; grep CapBnd /proc/self/status; ign=$(grep SigIgn /proc/self/status | cut -f2); echo sigpipe-ignored=$(( 0x$ign >> 12 & 1 )); cat /proc/self/personality";
     create(a, "who", "img", "s0", spec(&["sh", "-c", script], who)).unwrap();
     let (out, err, code) = run_to_end(a, "who");
-    // Bounding set of the spec: CHOWN, KILL, SETGID, SETUID, NET_BIND_SERVICE; and no
-    // SIGPIPE not ignored (the agent's own disposition must not leak in: `yes | head`
-    // would never end).
+    // Bounding set of the spec: CHOWN, KILL, SETGID, SETUID, NET_BIND_SERVICE; SIGPIPE not
+    // ignored (the agent's own disposition must not leak in: `yes | head` would never end);
+    // the default persona, with address randomization (the runtime helper runs without).
     assert_eq!(
         out,
-        "65534\n65534\n/tmp\nhi from env\n256\n512\nCapBnd:\t00000000000004e1\nsigpipe-ignored=0\n",
+        "65534\n65534\n/tmp\nhi from env\n256\n512\nCapBnd:\t00000000000004e1\nsigpipe-ignored=0\n00000000\n",
         "stderr: {err}"
     );
     assert_eq!(code, 0);
