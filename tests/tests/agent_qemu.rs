@@ -5,6 +5,7 @@
 //!
 //! Needs root, qemu-system-x86_64, mkfs.erofs, mkfs.ext4, `make build` and `make guest`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -514,4 +515,62 @@ fn malformed_requests_are_refused_clearly_and_the_agent_keeps_serving() {
     // A killed VMM takes its QEMU along (a parent-death signal): no VM outlives it.
     let mut vm = vm;
     vm.kill_vmm_only(Duration::from_secs(5)).unwrap();
+}
+
+/// Execs stay answered while the agent's other threads are busy (streaming a chatty
+/// container's output, answering stats). Run from the agent itself, libcontainer's clones
+/// could inherit a lock one of those threads held and hang the exec for good; before the
+/// runtime helper, one run of this test in three hung (one exec never answered).
+#[test]
+fn execs_are_answered_while_the_agent_streams_output() {
+    let dir = TempDir::new("busy");
+    let vm = boot(&dir, standard_disks(&dir, 1), vec![]);
+    let a = &vm.agent;
+    let chatty = spec(
+        &["sh", "-c", "while true; do echo tick-tick-tick; done"],
+        serde_json::json!({}),
+    );
+    create(a, "chatty", "img", "s0", chatty).unwrap();
+    a.start_container(ctx(), &container("chatty")).unwrap();
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        for reader in [true, false] {
+            let (a, stop) = (a.clone(), &stop);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if reader {
+                        let req = ReadStreamRequest {
+                            container_id: "chatty".into(),
+                            max_len: 4096,
+                            ..Default::default()
+                        };
+                        a.read_stdout(ctx(), &req).unwrap();
+                    } else {
+                        a.stats_container(ctx(), &container("chatty")).unwrap();
+                    }
+                }
+            });
+        }
+        // The streams stop however the loop ends, or the scope would wait for them.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        let mut slowest = Duration::ZERO;
+        for i in 0..200 {
+            let id = format!("e{i}");
+            let started = Instant::now();
+            let r = exec(a, "chatty", &id, &["true"]);
+            slowest = slowest.max(started.elapsed());
+            if let Err(e) = r {
+                panic!("exec {i}: {e:?} after {:?}", started.elapsed());
+            }
+            let exit = a.wait_process(ctx(), &proc_req("chatty", &id)).unwrap();
+            assert_eq!(exit.exit_status, 0, "exec {i}");
+        }
+        println!("  200 execs beside a streaming container: slowest {slowest:?}");
+    });
 }
