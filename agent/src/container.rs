@@ -262,43 +262,35 @@ impl Containers {
             .map_err(|e| AgentError::invalid("OCI spec", e.to_string()))?;
         let what = format!("create container {}", o.id);
         let job = Job::Create { bundle: dir };
-        let (pid, pending) = self.build(&what, o.id, job, stdio_for(terminal, o.stdin)?)?;
-        let ready = || -> Result<(Runtime, Stdio)> {
-            let runtime =
-                Runtime::load(runtime_root().join(o.id)).map_err(AgentError::runtime(&what))?;
-            Ok((runtime, pending.finish()?))
-        };
-        match ready() {
-            Ok((runtime, stdio)) => {
-                log::info!("container {}: created, init pid {pid}", o.id);
-                Ok((runtime, Process { pid, stdio }))
-            }
-            Err(e) => {
-                // Stopped before its exec, it would wait for a start for ever.
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                Err(e)
-            }
-        }
+        let (pid, stdio) = self.build(&what, o.id, job, stdio_for(terminal, o.stdin)?)?;
+        let runtime = Runtime::load(runtime_root().join(o.id)).map_err(|e| {
+            // Stopped before its exec, it would wait for a start for ever.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            AgentError::runtime(&what)(e)
+        })?;
+        log::info!("container {}: created, init pid {pid}", o.id);
+        Ok((runtime, Process { pid, stdio }))
     }
 
-    /// Has the runtime helper build a process with `stdio`; returns its PID and the stdio
-    /// still to finish (a terminal arrives once the process exists).
-    fn build(
-        &self,
-        what: &str,
-        id: &str,
-        job: Job<'_>,
-        stdio: NewStdio,
-    ) -> Result<(i32, StdioPending)> {
+    /// Has the runtime helper build a process with `stdio`; returns its PID and its stdio
+    /// (a terminal arrives once the process exists). A process whose stdio fails is killed.
+    fn build(&self, what: &str, id: &str, job: Job<'_>, stdio: NewStdio) -> Result<(i32, Stdio)> {
         let NewStdio {
             pending,
             console,
             child,
         } = stdio;
-        match runtime_helper::run(&self.exits, what, id, job, console.as_deref(), child) {
-            Ok(pid) => Ok((pid, pending)),
+        let pid = match runtime_helper::run(&self.exits, what, id, job, console.as_deref(), child) {
+            Ok(pid) => pid,
             Err(e) => {
                 pending.abandon();
+                return Err(e);
+            }
+        };
+        match pending.finish() {
+            Ok(stdio) => Ok((pid, stdio)),
+            Err(e) => {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 Err(e)
             }
         }
@@ -342,13 +334,6 @@ impl Containers {
         let built = stdio_for(terminal, stdin).and_then(|s| self.build(&what, id, job, s));
         let _ = fs::remove_file(&path);
         let (pid, stdio) = built?;
-        let stdio = match stdio.finish() {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                return Err(e);
-            }
-        };
         c.processes
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -59,29 +59,31 @@ impl Exits {
     /// Blocks until `pid` has exited, and returns its exit without consuming it (several
     /// waiters may ask; [`Exits::forget`] drops it).
     pub fn wait(&self, pid: i32) -> Exit {
-        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some((_, exit)) = done.get(&pid) {
-                return *exit;
-            }
-            done = self.cond.wait(done).unwrap_or_else(|e| e.into_inner());
-        }
+        // Only a deadline ends the wait without an exit.
+        self.wait_until(pid, None).unwrap_or_else(|| unreachable!())
     }
 
     /// As [`Exits::wait`], giving up after `limit`.
     pub fn wait_for(&self, pid: i32, limit: Duration) -> Option<Exit> {
-        let deadline = Instant::now() + limit;
+        self.wait_until(pid, Some(Instant::now() + limit))
+    }
+
+    fn wait_until(&self, pid: i32, deadline: Option<Instant>) -> Option<Exit> {
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some((_, exit)) = done.get(&pid) {
                 return Some(*exit);
             }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            done = self
-                .cond
-                .wait_timeout(done, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            done = match deadline {
+                None => self.cond.wait(done).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.checked_duration_since(Instant::now())?;
+                    self.cond
+                        .wait_timeout(done, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
         }
     }
 

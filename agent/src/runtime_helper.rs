@@ -53,12 +53,12 @@ pub enum Job<'a> {
 /// Runs `job` for container `id` in a helper whose stdin, stdout and stderr, inherited by
 /// the new process, are `stdio`; with `console`, the process gets a terminal sent to that
 /// socket instead. Returns the new process's PID. `what` names the job in errors.
-pub fn run(
+pub fn run<'a>(
     exits: &Exits,
     what: &str,
     id: &str,
-    job: Job<'_>,
-    console: Option<&Path>,
+    job: Job<'a>,
+    console: Option<&'a Path>,
     stdio: [OwnedFd; 3],
 ) -> Result<i32> {
     let runtime_err = |why: String| AgentError::Runtime {
@@ -69,12 +69,12 @@ pub fn run(
         Job::Create { bundle } => ("create", bundle),
         Job::Exec { process } => ("exec", process),
     };
-    let path = path
-        .to_str()
-        .ok_or_else(|| runtime_err("path is not UTF-8".into()))?;
-    let console = console
-        .map(|c| c.to_str().unwrap_or_default())
-        .unwrap_or("");
+    let utf8 = |p: &'a Path| {
+        p.to_str()
+            .ok_or_else(|| runtime_err(format!("{} is not UTF-8", p.display())))
+    };
+    let path = utf8(path)?;
+    let console = console.map(utf8).transpose()?.unwrap_or("");
     let (answer, answer_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
         .map_err(AgentError::sys("create the runtime helper's pipe"))?;
     let fds = [
