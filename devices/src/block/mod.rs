@@ -501,6 +501,12 @@ impl VirtioDevice for Block {
         self.inline_writes.set_own_thread();
     }
 
+    /// The request queue: a filesystem or database in the guest often waits on each write
+    /// or read it sends (a journal commit, a page it needs).
+    fn polls(&self, index: usize) -> bool {
+        index == 0
+    }
+
     fn process_queue(
         &mut self,
         index: usize,

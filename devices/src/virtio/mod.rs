@@ -67,6 +67,13 @@ pub trait VirtioDevice: Send {
     /// The transport serves this device on a thread that serves no other device (a
     /// vhost-user back end per device): the device may do short blocking work there itself.
     fn set_own_thread(&mut self) {}
+    /// Whether a transport serving this device on a thread of its own should keep looking
+    /// at queue `index` for a moment after the device answered from it, instead of sleeping
+    /// until the driver's next notification: worth it where a driver often waits on each
+    /// answer before it sends the next request.
+    fn polls(&self, _index: usize) -> bool {
+        false
+    }
     /// The driver finished setting up (DRIVER_OK); the device may start its back end.
     fn activate(&mut self) -> Result<(), ActivateError> {
         Ok(())

@@ -282,9 +282,22 @@ impl Driver {
 
     /// Publishes what `queue` added and kicks the back end unless it asked not to be.
     pub fn publish(&mut self) {
+        if self.publish_quietly() {
+            self.kick();
+        }
+    }
+
+    /// Notifies the back end.
+    pub fn kick(&self) {
+        let _ = self.kick.write(1);
+    }
+
+    /// Publishes what `queue` added without a kick, which only a back end reading the ring
+    /// of its own accord sees; returns whether the back end asked for one.
+    pub fn publish_quietly(&mut self) -> bool {
         let (old, new) = (self.published, self.next_avail);
         if old == new {
-            return;
+            return false;
         }
         self.published = new;
         let _ = self
@@ -292,7 +305,7 @@ impl Driver {
             .store(new, GuestAddress(AVAIL + 2), Ordering::Release);
         // The index must be visible before the back end's suppression state is read.
         fence(Ordering::SeqCst);
-        let kick = if self.event_idx {
+        if self.event_idx {
             let at = USED + 4 + 8 * u64::from(QUEUE_SIZE);
             let event: u16 = self
                 .mem
@@ -305,9 +318,6 @@ impl Driver {
                 .load(GuestAddress(USED), Ordering::Acquire)
                 .unwrap_or(0);
             flags & VRING_USED_F_NO_NOTIFY as u16 == 0
-        };
-        if kick {
-            let _ = self.kick.write(1);
         }
     }
 
@@ -336,29 +346,9 @@ impl Driver {
     /// used-ring order.
     pub fn complete(&mut self, mut done: impl FnMut(usize)) -> Result<(), DriverError> {
         loop {
-            let used: u16 = self
-                .mem
-                .load(GuestAddress(USED + 2), Ordering::Acquire)
-                .map_err(|e| DriverError::Memory(e.to_string()))?;
+            let used = self.used_idx()?;
             if used != self.last_used {
-                while self.last_used != used {
-                    let at = USED + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
-                    let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap_or(u32::MAX);
-                    let slot = id as usize / 3;
-                    if !id.is_multiple_of(3) || slot >= self.shape.depth {
-                        return Err(DriverError::BadId(id));
-                    }
-                    let status: u8 = self
-                        .mem
-                        .read_obj(Self::header_addr(slot).unchecked_add(16))
-                        .unwrap_or(u8::MAX);
-                    if status != VIRTIO_BLK_S_OK as u8 {
-                        return Err(DriverError::Status { slot, status });
-                    }
-                    self.last_used = self.last_used.wrapping_add(1);
-                    done(slot);
-                }
-                return Ok(());
+                return self.reap(used, &mut done);
             }
             if self.event_idx {
                 // Ask for a call on the next completion, then look again: one may have
@@ -378,5 +368,42 @@ impl Driver {
             }
             self.wait_call()?;
         }
+    }
+
+    /// Calls `done(slot)` for each request completed by now, without waiting; returns how
+    /// many there were.
+    pub fn try_complete(&mut self, mut done: impl FnMut(usize)) -> Result<usize, DriverError> {
+        let before = self.last_used;
+        let used = self.used_idx()?;
+        self.reap(used, &mut done)?;
+        Ok(usize::from(self.last_used.wrapping_sub(before)))
+    }
+
+    fn used_idx(&self) -> Result<u16, DriverError> {
+        self.mem
+            .load(GuestAddress(USED + 2), Ordering::Acquire)
+            .map_err(|e| DriverError::Memory(e.to_string()))
+    }
+
+    /// Takes the used entries up to index `used`, checking each request's status.
+    fn reap(&mut self, used: u16, done: &mut impl FnMut(usize)) -> Result<(), DriverError> {
+        while self.last_used != used {
+            let at = USED + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap_or(u32::MAX);
+            let slot = id as usize / 3;
+            if !id.is_multiple_of(3) || slot >= self.shape.depth {
+                return Err(DriverError::BadId(id));
+            }
+            let status: u8 = self
+                .mem
+                .read_obj(Self::header_addr(slot).unchecked_add(16))
+                .unwrap_or(u8::MAX);
+            if status != VIRTIO_BLK_S_OK as u8 {
+                return Err(DriverError::Status { slot, status });
+            }
+            self.last_used = self.last_used.wrapping_add(1);
+            done(slot);
+        }
+        Ok(())
     }
 }

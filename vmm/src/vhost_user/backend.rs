@@ -1,22 +1,28 @@
 //! The adapter from our device trait to `vhost-user-backend`, and a server thread per device.
 
+use std::ops::DerefMut;
 use std::os::fd::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use devices::virtio::{UsedQueues, VirtioDevice, TRANSPORT_FEATURES};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::Queue;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringState, VringT};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::poll::{AdaptivePoll, MAX_SESSION};
 use crate::bus::lock;
 
 /// Errors of a vhost-user device server.
@@ -49,6 +55,8 @@ pub struct VhostUserDevice {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     activated: bool,
+    /// The polling window of each queue, for those the device asks to poll.
+    polls: Vec<AdaptivePoll>,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -61,10 +69,12 @@ impl std::fmt::Debug for VhostUserDevice {
 
 impl VhostUserDevice {
     pub fn new(device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
+        let queues = lock(&device).queue_max_sizes().len();
         Self {
             device,
             mem: None,
             activated: false,
+            polls: (0..queues).map(|_| AdaptivePoll::default()).collect(),
         }
     }
 
@@ -153,18 +163,105 @@ impl VhostUserBackendMut for VhostUserDevice {
             self.activated = true;
         }
         let mut guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
-        let mut queues: Vec<&mut Queue> = guards.iter_mut().map(|g| g.get_queue_mut()).collect();
-        let used: UsedQueues = match device_event as usize {
-            i if i < vrings.len() => dev.process_queue(i, &mut queues, &mem),
-            _ => dev.process_backend(&mut queues, &mem),
+        let index = device_event as usize;
+        let queue = (index < vrings.len()).then_some(index);
+        let used = answer(&mut *dev, queue, &mut guards, &mem)?;
+        let polled = queue.filter(|&i| used & (1 << i) != 0 && dev.polls(i));
+        let Some(poll) = polled.and_then(|i| self.polls.get_mut(i)) else {
+            return Ok(());
         };
-        drop(queues);
-        for (i, g) in guards.iter_mut().enumerate() {
-            if used & (1 << i) != 0 && g.needs_notification().unwrap_or(true) {
-                g.signal_used_queue()?;
-            }
+        poll.woke(Instant::now());
+        keep_polling(poll, &mut *dev, index, &mut guards, &mem)
+    }
+}
+
+/// Lets `dev` serve queue `queue`'s notification (`None`: its back end's event) and
+/// signals the driver for each queue whose used ring changed, where the ring asks for it.
+fn answer<G: DerefMut<Target = VringState>>(
+    dev: &mut dyn VirtioDevice,
+    queue: Option<usize>,
+    guards: &mut [G],
+    mem: &GuestMemoryMmap,
+) -> std::io::Result<UsedQueues> {
+    let mut queues: Vec<&mut Queue> = guards.iter_mut().map(|g| g.get_queue_mut()).collect();
+    let used = match queue {
+        Some(i) => dev.process_queue(i, &mut queues, mem),
+        None => dev.process_backend(&mut queues, mem),
+    };
+    drop(queues);
+    for (i, g) in guards.iter_mut().enumerate() {
+        if used & (1 << i) != 0 && g.needs_notification().unwrap_or(true) {
+            g.signal_used_queue()?;
         }
-        Ok(())
+    }
+    Ok(used)
+}
+
+/// After answering queue `index`, keeps reading its avail index for `poll`'s window and
+/// answers what comes meanwhile without a notification's wake-up (see [`super::poll`]).
+fn keep_polling<G: DerefMut<Target = VringState>>(
+    poll: &mut AdaptivePoll,
+    dev: &mut dyn VirtioDevice,
+    index: usize,
+    guards: &mut [G],
+    mem: &GuestMemoryMmap,
+) -> std::io::Result<()> {
+    let started = Instant::now();
+    let mut last = started;
+    if poll.window().is_zero() {
+        poll.gave_up(last);
+        return Ok(());
+    }
+    let mut asked_quiet = false;
+    loop {
+        let q = guards[index].get_queue_mut();
+        if !asked_quiet {
+            // The device re-armed notifications as it answered; while we look at the ring
+            // ourselves, a kick (a VM exit for a guest) buys nothing.
+            ask_quiet(q, mem);
+            asked_quiet = true;
+        }
+        let waiting = q
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|avail| avail.0 != q.next_avail());
+        if waiting {
+            if answer(dev, Some(index), guards, mem)? & (1 << index) == 0 {
+                // Handed to other threads (or not poppable): their events bring us back.
+                poll.interrupted();
+                return Ok(());
+            }
+            asked_quiet = false;
+            last = Instant::now();
+            if last - started >= MAX_SESSION {
+                poll.interrupted();
+                return Ok(());
+            }
+        } else if last.elapsed() >= poll.window() {
+            // Ask for notifications again, then look once more: a request published
+            // before the driver could see that is ours to take now.
+            if q.enable_notification(mem).unwrap_or(false) {
+                asked_quiet = false;
+                continue;
+            }
+            poll.gave_up(last);
+            return Ok(());
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Asks the driver not to notify queue `q`: with EVENT_IDX an avail_event behind what the
+/// driver has published (it notifies only on passing it), else the NO_NOTIFY flag.
+fn ask_quiet(q: &mut Queue, mem: &GuestMemoryMmap) {
+    if !q.event_idx_enabled() {
+        let _ = q.disable_notification(mem);
+        return;
+    }
+    let avail_event = GuestAddress(q.used_ring()).checked_add(4 + 8 * u64::from(q.size()));
+    if let Some(at) = avail_event {
+        let behind = q.next_avail().wrapping_sub(1);
+        let _ = mem.store(u16::to_le(behind), at, Ordering::Release);
     }
 }
 

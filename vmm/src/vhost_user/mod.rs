@@ -5,9 +5,11 @@
 //! [`VhostUserDevice`] adapts one [`VirtioDevice`] to it.
 
 mod backend;
+mod poll;
 mod proxy;
 
 pub use backend::{serve, VhostUserDevice, VhostUserError, VhostUserServer};
+pub use poll::MAX_WINDOW as MAX_POLL_WINDOW;
 
 /// Tests that count the process's device threads run one at a time.
 #[cfg(test)]
