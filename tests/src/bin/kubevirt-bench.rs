@@ -481,9 +481,10 @@ fn blk_section(
          each run starts from clean cached pages (the image is written back before it) and \
          measures {:.1} s after a {} ms warm-up. Figures are medians of the runs. CPU/IO is \
          the back-end process's user+system time per request. At queue depth 1 every request \
-         wakes the back end and then the driver; on this nested host waking an idle CPU \
-         (an IPI through the outer hypervisor) costs more than the request itself, and where \
-         the scheduler puts the threads varies from run to run, so the QD1 workloads also run \
+         wakes the driver, and the back end too unless it is still polling the ring; on this \
+         nested host waking an idle CPU (an IPI through the outer hypervisor) costs more than \
+         the request itself, and where the scheduler puts the threads varies from run to run \
+         (and with it ours' share of requests seen by polling), so the QD1 workloads also run \
          with the driver and every back-end thread on one CPU (`one CPU` rows), which \
          measures the back end's own path.\n",
         blkbench::driver::QUEUE_SIZE,
