@@ -159,6 +159,7 @@ impl Pod {
             machine::choose(cfg.machine, &machine::calibration_cache(&cfg.state_dir))?;
         phases.mark("machine choice");
         let mut vm = VmConfig::new(&cfg.kernel);
+        vm.cpuid_cache = Some(cfg.state_dir.with_extension("cpuid"));
         vm.initrd = Some(cfg.initramfs.clone());
         // `ps` shows which pod a QEMU serves.
         vm.name = format!("kubevirt-pod:{}", p.dir.display());

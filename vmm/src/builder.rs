@@ -84,7 +84,7 @@ pub fn build_microvm(mut config: VmConfig) -> Result<Vmm, BuildError> {
     }
     StartGate::pass(config.start_gate.take()).map_err(BuildError::StartGate)?;
     let mem = memory::allocate(config.memory_mib, config.hugepages)?;
-    let vm = Vm::new(&mem)?;
+    let vm = Vm::new(&mem, config.cpuid_cache.as_deref())?;
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(&mem, path, kernel.end)?),

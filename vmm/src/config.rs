@@ -217,6 +217,9 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// Run right before the VM starts (see [`StartGate`]).
     pub start_gate: Option<StartGate>,
+    /// A file that keeps KVM's supported CPUID for the next VM of this host boot
+    /// ([`crate::supported_cpuid`]); `None` asks KVM for every VM.
+    pub cpuid_cache: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -240,6 +243,7 @@ impl VmConfig {
             vsock: None,
             seccomp: true,
             start_gate: None,
+            cpuid_cache: None,
         }
     }
 }

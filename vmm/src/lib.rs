@@ -18,6 +18,7 @@ pub mod legacy;
 pub mod qemu;
 pub mod seccomp;
 pub mod spawn;
+pub mod supported_cpuid;
 pub mod tsc;
 pub mod vcpu;
 pub mod vhost_user;

@@ -42,6 +42,7 @@ fn parse_run(mut p: lexopt::Parser) -> Result<(VmConfig, Machine)> {
     let mut kernel: Option<PathBuf> = None;
     let mut machine = Machine::Builtin;
     let mut cfg = VmConfig::new("");
+    cfg.cpuid_cache = Some(vmm::supported_cpuid::DEFAULT_CACHE.into());
     while let Some(arg) = p.next()? {
         match arg {
             Long("kernel") => kernel = Some(p.value()?.into()),

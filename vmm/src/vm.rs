@@ -1,5 +1,7 @@
 //! The KVM VM: creation, in-kernel interrupt controllers and timer, guest memory slots.
 
+use std::path::Path;
+
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -70,7 +72,10 @@ impl Vm {
     ///
     /// Memory slots go in before the irqchip and PIT: once those exist, every slot change
     /// waits for a KVM SRCU grace period (10 ms measured here, against 0.1 ms before).
-    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+    ///
+    /// KVM's supported CPUID is read from `cpuid_cache` where it holds this host boot's
+    /// (see [`crate::supported_cpuid`]).
+    pub fn new(mem: &GuestMemoryMmap, cpuid_cache: Option<&Path>) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         check_kvm(&kvm)?;
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
@@ -86,8 +91,7 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-        let supported_cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        let supported_cpuid = crate::supported_cpuid::supported_cpuid(&kvm, cpuid_cache)
             .map_err(kvm_err("report supported CPUID"))?;
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         Ok(Self {

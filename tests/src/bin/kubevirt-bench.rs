@@ -326,10 +326,11 @@ fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
     let _ = writeln!(
         r,
         "  - breakdown: the floor plus KVM's in-kernel irqchip and PIT (which every Linux \
-         guest needs) takes {}; the other {} are ours: KVM_GET_SUPPORTED_CPUID and \
-         KVM_SET_CPUID2 (every host CPUID traps to the outer hypervisor on a nested host), \
-         the vCPU thread and its kick signal, eventfds and epoll, the boot structures, and \
-         the VM's teardown. Embedded in a running process (the shim's case) a VM costs {} \
+         guest needs) takes {}; the other {} are ours: the two seccomp filters (vCPU and \
+         VMM thread; the kernel checks and compiles each), the vCPU thread and its kick \
+         signal, KVM_SET_CPUID2, eventfds and epoll, and the boot structures (KVM's \
+         supported CPUID, whose host CPUIDs each trap to the outer \
+         hypervisor on a nested host, comes from the file kept per host boot). Embedded in a running process (the shim's case) a VM costs {} \
          CPU from build to exit, {:.2}x the floor's whole process.",
         ms(floor_irq.cpu),
         ms(ours.cpu.saturating_sub(floor_irq.cpu)),
