@@ -422,6 +422,16 @@ pub fn serve_ours(image: &Path, socket: &Path) {
 mod tests {
     use super::*;
 
+    /// Serves `image` with our device on a thread; returns once `socket` is listening.
+    fn serve_ours_on_a_thread(image: &Path, socket: &Path) -> std::thread::JoinHandle<()> {
+        let (img, sock) = (image.to_owned(), socket.to_owned());
+        let server = std::thread::spawn(move || serve_ours(&img, &sock));
+        while !socket.exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        server
+    }
+
     /// Reads and writes through each back end land where the harness asked.
     #[test]
     fn both_back_ends_move_the_right_bytes() {
@@ -440,11 +450,7 @@ mod tests {
             let socket = dir.join(format!("{}.sock", b.name()));
             let _server = match b {
                 Backend::Ours => {
-                    let (img, sock) = (image.path.clone(), socket.clone());
-                    std::thread::spawn(move || serve_ours(&img, &sock));
-                    while !socket.exists() {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+                    serve_ours_on_a_thread(&image.path, &socket);
                     None
                 }
                 Backend::QemuStorageDaemon => Some(Server::start(b, &image.path, socket.clone())),
@@ -495,11 +501,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let image = Image::create(dir.join("disk.img"), 4 << 20).unwrap();
         let socket = dir.join("ours.sock");
-        let (img, sock) = (image.path.clone(), socket.clone());
-        let server = std::thread::spawn(move || serve_ours(&img, &sock));
-        while !socket.exists() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let server = serve_ours_on_a_thread(&image.path, &socket);
         let mut drv = Driver::connect(&socket, true).unwrap();
         let shape = Shape {
             write: true,
@@ -507,7 +509,8 @@ mod tests {
             depth: 1,
         };
         drv.prepare(shape).unwrap();
-        let (mut quiet, mut seen) = (0, 0);
+        // Quiet requests answered, and those the back end had asked not to be told of.
+        let (mut quiet, mut seen, mut unasked) = (0, 0, 0);
         for i in 0..2000u64 {
             drv.queue(0, (i % 1024) * 4096);
             // Three kicked requests, reaped at once, show the back end a driver that comes
@@ -520,7 +523,9 @@ mod tests {
                 continue;
             }
             quiet += 1;
-            drv.publish_quietly();
+            if !drv.publish_quietly() {
+                unasked += 1;
+            }
             let deadline = Instant::now() + Duration::from_millis(2);
             loop {
                 if drv.try_complete(|_| {}).unwrap() > 0 {
@@ -541,6 +546,10 @@ mod tests {
         assert!(
             seen > 0,
             "none of {quiet} requests without a kick was answered"
+        );
+        assert!(
+            unasked > 0,
+            "while polling, the back end never asked the driver not to notify"
         );
         drop(drv);
         server.join().unwrap();
