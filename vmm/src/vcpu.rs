@@ -25,6 +25,8 @@ pub enum VcpuError {
     Signal(vmm_sys_util::errno::Error),
     #[error("vcpu{0} is gone")]
     Gone(u8),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Where a vCPU is in its life.
@@ -175,6 +177,8 @@ impl Vcpu {
         seccomp: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
+        let kind = crate::seccomp::ThreadKind::Vcpu;
+        let filter = seccomp.then(|| crate::seccomp::filter(kind)).transpose()?;
         let id = self.id;
         let exits_count = self.exits.clone();
         let (req_tx, req_rx) = channel();
@@ -184,10 +188,10 @@ impl Vcpu {
             .spawn(move || {
                 let mut this = self;
                 // Confined before the first guest instruction; unconfined is not an option.
-                let confined = match seccomp {
-                    true => crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu)
+                let confined = match &filter {
+                    Some(f) => crate::seccomp::apply(kind, f)
                         .map_err(|e| VcpuExitReason::Kvm(e.to_string())),
-                    false => Ok(()),
+                    None => Ok(()),
                 };
                 let reason = match confined {
                     Ok(()) => this.run(&req_rx, &state_tx),
