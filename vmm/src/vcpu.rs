@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -128,6 +128,8 @@ pub struct VcpuHandle {
     pub exits: Arc<AtomicU64>,
     requests: Sender<VcpuRequest>,
     states: Mutex<Receiver<VcpuState>>,
+    /// Set by the thread as it leaves its run loop, for good.
+    ended: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -135,11 +137,19 @@ impl VcpuHandle {
     /// Sends a request, kicks the thread out of KVM_RUN and waits for the resulting state.
     pub fn request(&self, req: VcpuRequest) -> Result<VcpuState, VcpuError> {
         let states = crate::bus::lock(&self.states);
-        self.requests
-            .send(req)
-            .map_err(|_| VcpuError::Gone(self.id))?;
-        self.kick();
-        states.recv().map_err(|_| VcpuError::Gone(self.id))
+        if self.ended.load(Ordering::Acquire) {
+            return Ok(VcpuState::Exited);
+        }
+        let answer = self.requests.send(req).ok().and_then(|()| {
+            self.kick();
+            states.recv().ok()
+        });
+        match answer {
+            Some(state) => Ok(state),
+            // It ended (and left) while the request was on its way.
+            None if self.ended.load(Ordering::Acquire) => Ok(VcpuState::Exited),
+            None => Err(VcpuError::Gone(self.id)),
+        }
     }
 
     fn kick(&self) {
@@ -183,6 +193,8 @@ impl Vcpu {
         let exits_count = self.exits.clone();
         let (req_tx, req_rx) = channel();
         let (state_tx, state_rx) = channel();
+        let ended = Arc::new(AtomicBool::new(false));
+        let ended_here = ended.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -198,16 +210,12 @@ impl Vcpu {
                     Err(reason) => reason,
                 };
                 KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+                // Requests from now on are answered `Exited` by the handle itself, so
+                // the thread leaves at once rather than wait for the VMM's stop.
+                ended_here.store(true, Ordering::Release);
                 if reason != VcpuExitReason::Stopped {
                     let _ = exits.send((id, reason));
                     let _ = exit_evt.write(1);
-                    // Wait for the VMM's stop so that its request gets an answer.
-                    while let Ok(req) = req_rx.recv() {
-                        let _ = state_tx.send(VcpuState::Exited);
-                        if req == VcpuRequest::Stop {
-                            break;
-                        }
-                    }
                 } else {
                     let _ = state_tx.send(VcpuState::Exited);
                 }
@@ -218,6 +226,7 @@ impl Vcpu {
             exits: exits_count,
             requests: req_tx,
             states: Mutex::new(state_rx),
+            ended,
             thread: Mutex::new(Some(thread)),
         })
     }
