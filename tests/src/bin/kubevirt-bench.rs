@@ -44,29 +44,38 @@ fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
-/// Runs a subject `runs` times for time and `runs` times (traced) for peak RSS.
-fn measure_subject(s: &Subject, runs: usize) -> Row {
-    progress(&format!("{} x {runs} ...", s.name));
-    let mut timing: Vec<Sample> = Vec::new();
-    let mut rss = Vec::new();
+/// Runs every subject `runs` times for time, then `runs` times (traced) for peak RSS, one
+/// subject after the other in each round: a host whose load drifts over seconds (a shared,
+/// nested one) weighs on every subject alike, so their ratios hold from run to run.
+fn measure_subjects(subjects: &[Subject], runs: usize) -> Vec<Row> {
+    let names: Vec<&str> = subjects.iter().map(|s| s.name).collect();
+    progress(&format!("{} x {runs}, in turn ...", names.join(", ")));
+    let mut timing: Vec<Vec<Sample>> = subjects.iter().map(|_| Vec::new()).collect();
+    let mut rss: Vec<Vec<u64>> = subjects.iter().map(|_| Vec::new()).collect();
     for traced in [false, true] {
         for _ in 0..runs {
-            let (sample, code, out) = measure::run((s.cmd)(), traced).expect("run subject");
-            assert_eq!(code, s.ok_code, "{}: exit code {code}", s.name);
-            assert_eq!(out, b"K", "{}: the guest's byte", s.name);
-            if traced {
-                rss.push(sample.peak_rss_kib);
-            } else {
-                timing.push(sample);
+            for (i, s) in subjects.iter().enumerate() {
+                let (sample, code, out) = measure::run((s.cmd)(), traced).expect("run subject");
+                assert_eq!(code, s.ok_code, "{}: exit code {code}", s.name);
+                assert_eq!(out, b"K", "{}: the guest's byte", s.name);
+                if traced {
+                    rss[i].push(sample.peak_rss_kib);
+                } else {
+                    timing[i].push(sample);
+                }
             }
         }
     }
-    Row {
-        name: s.name.to_string(),
-        wall: median(&timing.iter().map(|t| t.wall).collect::<Vec<_>>()),
-        cpu: median(&timing.iter().map(|t| t.cpu).collect::<Vec<_>>()),
-        rss_kib: Some(median(&rss)),
-    }
+    subjects
+        .iter()
+        .zip(timing.iter().zip(&rss))
+        .map(|(s, (timing, rss))| Row {
+            name: s.name.to_string(),
+            wall: median(&timing.iter().map(|t| t.wall).collect::<Vec<_>>()),
+            cpu: median(&timing.iter().map(|t| t.cpu).collect::<Vec<_>>()),
+            rss_kib: Some(median(rss)),
+        })
+        .collect()
 }
 
 /// The shim's case: a VM built and run inside an already running process.
@@ -129,7 +138,7 @@ fn main() {
     let _ = writeln!(r, "# kubevirt-shim benchmark report\n");
     let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
     if want("vmm") {
-        vmm_section(&mut r, flag(&args, "--runs").unwrap_or(15), &mut chart);
+        vmm_section(&mut r, flag(&args, "--runs").unwrap_or(40), &mut chart);
     }
     if want("kernel") {
         let doctor = Command::new(bin("kubevirt-vmm"))
@@ -282,7 +291,7 @@ fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
             ok_code: 0,
         },
     ];
-    let mut rows: Vec<Row> = subjects.iter().map(|s| measure_subject(s, runs)).collect();
+    let mut rows = measure_subjects(&subjects, runs);
     rows.push(measure_embedded(&guest, runs));
     let (ours, qemu, floor, floor_irq) = (&rows[0], &rows[1], &rows[2], &rows[3]);
     let cpu_ratio = ours.cpu.as_secs_f64() / floor.cpu.as_secs_f64().max(1e-6);
@@ -302,7 +311,7 @@ fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
     let _ = writeln!(
         r,
         "Tiny guest (`vmm/guests/hello.S`: one byte to COM1, then reset), 128 MiB guest memory, \
-         1 vCPU, median of {runs} runs each, all subjects in this run.\n"
+         1 vCPU, median of {runs} runs each, all subjects in this run and in turn.\n"
     );
     let _ = writeln!(r, "| subject | exec -> exit | CPU time | peak RSS |");
     let _ = writeln!(r, "|---|---:|---:|---:|");
