@@ -2,8 +2,6 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const _: () = assert!(PDPTE_START == PML4_START + 0x1000 && PDE_START == PDPTE_START + 0x1000);
-
 use super::layout::{IDENTITY_MAPPED_GIB, PDE_START, PDPTE_START, PML4_START};
 
 const PRESENT_WRITABLE: u64 = 0x3;
@@ -21,22 +19,33 @@ pub enum PagingError {
 /// Mapping the whole 4 GiB (not just the first GiB) lets early code reach MMIO devices,
 /// the IOAPIC and the LAPIC before it builds its own tables.
 pub fn setup_identity_map(mem: &GuestMemoryMmap) -> Result<u64, PagingError> {
-    // PML4, PDPT and the PDs are contiguous pages: build them in one buffer, write it once.
-    let pages = 2 + IDENTITY_MAPPED_GIB as usize;
-    let mut tables = vec![0u64; pages * 512];
-    tables[0] = PDPTE_START | PRESENT_WRITABLE;
-    for gib in 0..IDENTITY_MAPPED_GIB as usize {
-        let pd = PDE_START + gib as u64 * 0x1000;
-        tables[512 + gib] = pd | PRESENT_WRITABLE;
-        for i in 0..512 {
-            let phys = ((gib as u64) << 30) | ((i as u64) << 21);
-            tables[(2 + gib) * 512 + i] = phys | PRESENT_WRITABLE | PAGE_SIZE_2M;
-        }
+    write_table(
+        mem,
+        PML4_START,
+        [PDPTE_START | PRESENT_WRITABLE].into_iter(),
+    )?;
+    let pds = (0..IDENTITY_MAPPED_GIB).map(|gib| (PDE_START + gib * 0x1000) | PRESENT_WRITABLE);
+    write_table(mem, PDPTE_START, pds)?;
+    for gib in 0..IDENTITY_MAPPED_GIB {
+        let pages = (0..512).map(|i| (gib << 30) | (i << 21) | PRESENT_WRITABLE | PAGE_SIZE_2M);
+        write_table(mem, PDE_START + gib * 0x1000, pages)?;
     }
-    let bytes: Vec<u8> = tables.iter().flat_map(|e| e.to_le_bytes()).collect();
-    mem.write_slice(&bytes, GuestAddress(PML4_START))
-        .map_err(|_| PagingError::Write(PML4_START))?;
     Ok(PML4_START)
+}
+
+/// One table page at `at`, its first entries from `entries` and the rest zero. Built on
+/// the stack: a VM's start-up makes no heap pages (each a page fault) for it.
+fn write_table(
+    mem: &GuestMemoryMmap,
+    at: u64,
+    entries: impl Iterator<Item = u64>,
+) -> Result<(), PagingError> {
+    let mut page = [0u8; 4096];
+    for (slot, entry) in page.chunks_exact_mut(8).zip(entries) {
+        slot.copy_from_slice(&entry.to_le_bytes());
+    }
+    mem.write_slice(&page, GuestAddress(at))
+        .map_err(|_| PagingError::Write(at))
 }
 
 #[cfg(test)]
