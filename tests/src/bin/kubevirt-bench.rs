@@ -335,12 +335,15 @@ fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
     let _ = writeln!(
         r,
         "  - breakdown: the floor plus KVM's in-kernel irqchip and PIT (which every Linux \
-         guest needs) takes {}; the other {} are ours: the two seccomp filters (vCPU and \
-         VMM thread; the kernel checks and compiles each), the vCPU thread and its kick \
-         signal, KVM_SET_CPUID2, eventfds and epoll, and the boot structures (KVM's \
-         supported CPUID, whose host CPUIDs each trap to the outer \
-         hypervisor on a nested host, comes from the file kept per host boot). Embedded in a running process (the shim's case) a VM costs {} \
-         CPU from build to exit, {:.2}x the floor's whole process.",
+         guest needs) takes {} (where that is less than the floor alone: a vCPU without \
+         KVM's local APIC makes the kernel patch its code on every CPU as the VM is made \
+         and again as it goes); the other {} are ours: the vCPU thread's life, the two \
+         seccomp filters (vCPU and VMM thread; the kernel compiles each and runs it once \
+         per call number), CPUID, MSR, FPU and LAPIC state, the 64-bit boot structures, \
+         eventfds and epoll (KVM's supported CPUID, whose host CPUIDs each trap to the \
+         outer hypervisor on a nested host, comes from the file kept per host boot). \
+         Embedded in a running process (the shim's case) a VM costs {} CPU from build to \
+         exit, {:.2}x the floor's whole process.",
         ms(floor_irq.cpu),
         ms(ours.cpu.saturating_sub(floor_irq.cpu)),
         ms(rows[4].cpu),
