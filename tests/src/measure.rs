@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sample {
     pub wall: Duration,
+    /// Exec to the first byte on its stdout (for a VMM: the guest ran), if any came.
+    pub first_output: Option<Duration>,
     pub cpu: Duration,
     pub peak_rss_kib: u64,
 }
@@ -52,9 +54,20 @@ pub fn run(mut cmd: Command, trace: bool) -> std::io::Result<(Sample, i32, Vec<u
     let pid = child.id() as i32;
     let mut stdout = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stdout.read_to_end(&mut v);
-        v
+        let (mut v, mut first) = (Vec::new(), None);
+        let mut buf = [0u8; 4096];
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    first.get_or_insert_with(Instant::now);
+                    v.extend_from_slice(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        (v, first)
     });
     let mut status = 0;
     // SAFETY: zeroed rusage is a valid value for wait4 to overwrite.
@@ -89,7 +102,7 @@ pub fn run(mut cmd: Command, trace: bool) -> std::io::Result<(Sample, i32, Vec<u
         }
     }
     let wall = start.elapsed();
-    let out = reader.join().unwrap_or_default();
+    let (out, first) = reader.join().unwrap_or_default();
     let code = if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else {
@@ -97,6 +110,7 @@ pub fn run(mut cmd: Command, trace: bool) -> std::io::Result<(Sample, i32, Vec<u
     };
     let sample = Sample {
         wall,
+        first_output: first.map(|t| t.duration_since(start)),
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
         peak_rss_kib: peak,
     };

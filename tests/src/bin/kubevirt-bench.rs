@@ -25,6 +25,8 @@ struct Subject {
 struct Row {
     name: String,
     wall: Duration,
+    /// Exec to the guest's byte on stdout.
+    first_output: Option<Duration>,
     cpu: Duration,
     rss_kib: Option<u64>,
 }
@@ -72,6 +74,11 @@ fn measure_subjects(subjects: &[Subject], runs: usize) -> Vec<Row> {
         .map(|(s, (timing, rss))| Row {
             name: s.name.to_string(),
             wall: median(&timing.iter().map(|t| t.wall).collect::<Vec<_>>()),
+            first_output: timing
+                .iter()
+                .map(|t| t.first_output)
+                .collect::<Option<Vec<_>>>()
+                .map(|f| median(&f)),
             cpu: median(&timing.iter().map(|t| t.cpu).collect::<Vec<_>>()),
             rss_kib: Some(median(rss)),
         })
@@ -101,6 +108,7 @@ fn measure_embedded(guest: &Path, runs: usize) -> Row {
     Row {
         name: "kubevirt-vmm embedded (in-process)".into(),
         wall: median(&walls),
+        first_output: None,
         cpu: median(&cpus),
         rss_kib: None,
     }
@@ -313,20 +321,38 @@ fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
         "Tiny guest (`vmm/guests/hello.S`: one byte to COM1, then reset), 128 MiB guest memory, \
          1 vCPU, median of {runs} runs each, all subjects in this run and in turn.\n"
     );
-    let _ = writeln!(r, "| subject | exec -> exit | CPU time | peak RSS |");
-    let _ = writeln!(r, "|---|---:|---:|---:|");
+    let _ = writeln!(
+        r,
+        "| subject | exec -> guest's byte | exec -> exit | CPU time | peak RSS |"
+    );
+    let _ = writeln!(r, "|---|---:|---:|---:|---:|");
     for row in &rows {
         let rss = row.rss_kib.map_or("n/a".into(), |k| format!("{k} KiB"));
+        let first = row.first_output.map_or("n/a".into(), ms);
         let _ = writeln!(
             r,
-            "| {} | {} | {} | {} |",
+            "| {} | {first} | {} | {} | {} |",
             row.name,
             ms(row.wall),
             ms(row.cpu),
             rss
         );
     }
+    let _ = writeln!(
+        r,
+        "\nexec -> exit includes the VM's teardown, where KVM waits for grace periods \
+         (wall time, little CPU) as it unregisters the PIT: compare the floor with one."
+    );
     let _ = writeln!(r, "\n### Against the targets\n");
+    if let Some(first) = ours.first_output {
+        let _ = writeln!(
+            r,
+            "- exec -> the guest's byte (the guest ran): {} (DESIGN.md: VMM start to first \
+             guest instruction under 5 ms): {}",
+            ms(first),
+            verdict(first < Duration::from_millis(5))
+        );
+    }
     let _ = writeln!(
         r,
         "- CPU time vs the floor: {cpu_ratio:.2}x (target <= 1.2x): {}",
