@@ -132,3 +132,21 @@ pub fn self_cpu() -> Duration {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     tv(u.ru_utime) + tv(u.ru_stime)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_output_is_when_the_first_byte_came() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 0.2; printf K; sleep 0.1"]);
+        let (s, code, out) = run(cmd, false).unwrap();
+        assert_eq!((code, out.as_slice()), (0, b"K".as_slice()));
+        let first = s.first_output.expect("a byte came");
+        assert!(first >= Duration::from_millis(200), "{first:?}");
+        assert!(s.wall >= first + Duration::from_millis(100), "{s:?}");
+        let (silent, _, _) = run(Command::new("true"), false).unwrap();
+        assert_eq!(silent.first_output, None);
+    }
+}
