@@ -370,8 +370,8 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     apply(kind, &filter(kind)?)
 }
 
-/// Installs `program`, made by `filter(kind)` (on another thread, say, so that a thread
-/// which never allocates otherwise gets no malloc arena), on the calling thread.
+/// Installs `program`, made by `filter(kind)` (before the thread starts, say, so that a
+/// filter that cannot be built is the starter's error), on the calling thread.
 pub fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
     settle_process();
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {

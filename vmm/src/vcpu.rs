@@ -344,3 +344,47 @@ impl Vcpu {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::config::{SerialOutput, VmConfig};
+
+    /// Needs /dev/kvm, as every KVM test here. Nothing asks the vCPU to stop: it leaves on
+    /// its own once the guest reset, and later requests still get their answer.
+    #[test]
+    fn a_vcpu_the_guest_ended_leaves_without_being_asked() {
+        let mut cfg = VmConfig::new(crate::guests::test_guest("hello"));
+        cfg.memory_mib = 32;
+        cfg.serial_output = SerialOutput::Sink;
+        let mut vmm = crate::build_microvm(cfg).unwrap();
+        let vcpu = vmm.vcpus.pop().unwrap();
+        let (exits_tx, exits) = channel();
+        let evt = EventFd::new(0).unwrap();
+        let handle = vcpu
+            .start(exits_tx, evt.try_clone().unwrap(), true)
+            .unwrap();
+        assert_eq!(evt.read().unwrap(), 1, "the vCPU reports its end");
+        assert_eq!(exits.recv().unwrap(), (0, VcpuExitReason::Reset));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !crate::bus::lock(&handle.thread)
+            .as_ref()
+            .unwrap()
+            .is_finished()
+        {
+            assert!(Instant::now() < deadline, "vcpu0 still waits for a request");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            handle.request(VcpuRequest::Pause).unwrap(),
+            VcpuState::Exited
+        );
+        assert_eq!(
+            handle.request(VcpuRequest::Stop).unwrap(),
+            VcpuState::Exited
+        );
+        handle.join();
+    }
+}
