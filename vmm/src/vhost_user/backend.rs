@@ -165,40 +165,55 @@ impl VhostUserBackendMut for VhostUserDevice {
         let mut guards: Vec<_> = vrings.iter().map(|v| v.get_mut()).collect();
         let index = device_event as usize;
         let queue = (index < vrings.len()).then_some(index);
-        let used = answer(&mut *dev, queue, &mut guards, &mem)?;
+        let used = process(&mut *dev, queue, &mut guards, &mem);
         let polled = queue.filter(|&i| used & (1 << i) != 0 && dev.polls(i));
         let Some(poll) = polled.and_then(|i| self.polls.get_mut(i)) else {
-            return Ok(());
+            return signal(&mut guards, used);
         };
         poll.woke(Instant::now());
+        if poll.window().is_zero() {
+            poll.gave_up(Instant::now());
+            return signal(&mut guards, used);
+        }
+        // Before the driver learns of the answer: one that comes straight back must find
+        // the queue quiet already, or it kicks a thread that is looking anyway.
+        ask_quiet(guards[index].get_queue_mut(), &mem);
+        signal(&mut guards, used)?;
         keep_polling(poll, &mut *dev, index, &mut guards, &mem)
     }
 }
 
-/// Lets `dev` serve queue `queue`'s notification (`None`: its back end's event) and
-/// signals the driver for each queue whose used ring changed, where the ring asks for it.
-fn answer<G: DerefMut<Target = VringState>>(
+/// Lets `dev` serve queue `queue`'s notification (`None`: its back end's event); returns
+/// the queues whose used ring changed.
+fn process<G: DerefMut<Target = VringState>>(
     dev: &mut dyn VirtioDevice,
     queue: Option<usize>,
     guards: &mut [G],
     mem: &GuestMemoryMmap,
-) -> std::io::Result<UsedQueues> {
+) -> UsedQueues {
     let mut queues: Vec<&mut Queue> = guards.iter_mut().map(|g| g.get_queue_mut()).collect();
-    let used = match queue {
+    match queue {
         Some(i) => dev.process_queue(i, &mut queues, mem),
         None => dev.process_backend(&mut queues, mem),
-    };
-    drop(queues);
+    }
+}
+
+/// Signals the driver for each queue in `used`, where the ring asks for it.
+fn signal<G: DerefMut<Target = VringState>>(
+    guards: &mut [G],
+    used: UsedQueues,
+) -> std::io::Result<()> {
     for (i, g) in guards.iter_mut().enumerate() {
         if used & (1 << i) != 0 && g.needs_notification().unwrap_or(true) {
             g.signal_used_queue()?;
         }
     }
-    Ok(used)
+    Ok(())
 }
 
-/// After answering queue `index`, keeps reading its avail index for `poll`'s window and
-/// answers what comes meanwhile without a notification's wake-up (see [`super::poll`]).
+/// After answering queue `index` (and asking the driver not to notify it), keeps reading
+/// its avail index for `poll`'s window and answers what comes meanwhile without a
+/// notification's wake-up (see [`super::poll`]).
 fn keep_polling<G: DerefMut<Target = VringState>>(
     poll: &mut AdaptivePoll,
     dev: &mut dyn VirtioDevice,
@@ -208,39 +223,34 @@ fn keep_polling<G: DerefMut<Target = VringState>>(
 ) -> std::io::Result<()> {
     let started = Instant::now();
     let mut last = started;
-    if poll.window().is_zero() {
-        poll.gave_up(last);
-        return Ok(());
-    }
-    let mut asked_quiet = false;
     loop {
         let q = guards[index].get_queue_mut();
-        if !asked_quiet {
-            // The device re-armed notifications as it answered; while we look at the ring
-            // ourselves, a kick (a VM exit for a guest) buys nothing.
-            ask_quiet(q, mem);
-            asked_quiet = true;
-        }
         let waiting = q
             .avail_idx(mem, Ordering::Acquire)
             .is_ok_and(|avail| avail.0 != q.next_avail());
         if waiting {
-            if answer(dev, Some(index), guards, mem)? & (1 << index) == 0 {
+            let used = process(dev, Some(index), guards, mem);
+            if used & (1 << index) == 0 {
                 // Handed to other threads (or not poppable): their events bring us back.
+                signal(guards, used)?;
                 poll.interrupted();
                 return Ok(());
             }
-            asked_quiet = false;
             last = Instant::now();
             if last - started >= MAX_SESSION {
+                // The device re-armed notifications as it answered: the driver's next
+                // request wakes the thread.
+                signal(guards, used)?;
                 poll.interrupted();
                 return Ok(());
             }
+            ask_quiet(guards[index].get_queue_mut(), mem);
+            signal(guards, used)?;
         } else if last.elapsed() >= poll.window() {
             // Ask for notifications again, then look once more: a request published
             // before the driver could see that is ours to take now.
             if q.enable_notification(mem).unwrap_or(false) {
-                asked_quiet = false;
+                ask_quiet(q, mem);
                 continue;
             }
             poll.gave_up(last);
