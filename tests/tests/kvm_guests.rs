@@ -351,3 +351,28 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// The benchmark's floor VMM, in each form it measures, really runs the guest: it prints
+/// the guest's byte and ends at the guest's reset.
+#[test]
+fn the_floor_vmm_runs_the_hello_guest_in_every_form() {
+    require_kvm();
+    let guest = vmm::guests::test_guest("hello");
+    let forms: [&[&str]; 4] = [
+        &[],
+        &["MIN_VMM_IRQCHIP"],
+        &["MIN_VMM_LONG"],
+        &["MIN_VMM_IRQCHIP", "MIN_VMM_LONG", "MIN_VMM_THREAD"],
+    ];
+    for form in forms {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kubevirt-min-vmm"));
+        cmd.arg(&guest).arg("128");
+        for option in ["MIN_VMM_IRQCHIP", "MIN_VMM_LONG", "MIN_VMM_THREAD"] {
+            cmd.env_remove(option);
+        }
+        cmd.envs(form.iter().map(|o| (o, "1")));
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{form:?}: {out:?}");
+        assert_eq!(out.stdout, b"K", "{form:?}");
+    }
+}
