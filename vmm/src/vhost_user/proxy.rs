@@ -120,9 +120,24 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
             let front = f.lock().unwrap_or_else(|p| p.into_inner());
             let _ = front.shutdown(Shutdown::Both);
         })?;
+    let forwarded = forward(&frontend, &backend, &to_frontend);
+    // Whichever way forwarding ended, the reply thread ends with the sockets.
+    let _ = frontend.shutdown(Shutdown::Both);
+    let _ = backend.shutdown(Shutdown::Both);
+    let _ = replies.join();
+    forwarded
+}
+
+/// Forwards the frontend's messages to the back end until either side closes, holding
+/// back a vring enable that comes before the features (see the module's doc).
+fn forward(
+    frontend: &UnixStream,
+    backend: &UnixStream,
+    to_frontend: &Mutex<UnixStream>,
+) -> io::Result<()> {
     let mut features_set = false;
     let mut deferred: Vec<Message> = Vec::new();
-    while let Ok(Some(mut msg)) = recv(&frontend) {
+    while let Ok(Some(mut msg)) = recv(frontend) {
         match msg.request() {
             SET_VRING_ENABLE if !features_set => {
                 // Too early for the library: acknowledge it here, replay it later without
@@ -140,18 +155,15 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
             _ => {}
         }
         let replay = msg.request() == SET_FEATURES;
-        if send(&backend, &msg).is_err() {
+        if send(backend, &msg).is_err() {
             break;
         }
         if replay {
             for early in deferred.drain(..) {
-                send(&backend, &early)?;
+                send(backend, &early)?;
             }
         }
     }
-    let _ = frontend.shutdown(Shutdown::Both);
-    let _ = backend.shutdown(Shutdown::Both);
-    let _ = replies.join();
     Ok(())
 }
 
@@ -173,6 +185,8 @@ mod tests {
 
     #[test]
     fn early_vring_enable_is_answered_and_the_rest_relayed_with_fds() {
+        // Its `vu-relay` thread would show in the thread counts of the servers' tests.
+        let _one_at_a_time = crate::vhost_user::TEST_SERVERS.lock();
         let (qemu, front) = UnixStream::pair().unwrap();
         let (back, daemon) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || relay(front, back));
@@ -212,5 +226,21 @@ mod tests {
         drop(qemu);
         t.join().unwrap().unwrap();
         assert!(recv(&daemon).unwrap().is_none(), "daemon side closed too");
+    }
+
+    /// A relay that cannot answer its frontend (gone before the acknowledgement) ends with
+    /// the error and still closes the back end's side and ends its reply thread.
+    #[test]
+    fn a_relay_that_fails_leaves_no_thread_and_closes_both_sides() {
+        let _one_at_a_time = crate::vhost_user::TEST_SERVERS.lock();
+        let (qemu, front) = UnixStream::pair().unwrap();
+        let (back, daemon) = UnixStream::pair().unwrap();
+        let early = msg(SET_VRING_ENABLE, FLAG_VERSION | FLAG_NEED_REPLY, &[0; 8]);
+        send(&qemu, &early).unwrap();
+        drop(qemu);
+        assert!(relay(front, back).is_err(), "the acknowledgement cannot be sent");
+        let left = crate::vhost_user::device_threads();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(recv(&daemon).unwrap().is_none(), "daemon side closed");
     }
 }
