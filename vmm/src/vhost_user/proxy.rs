@@ -238,7 +238,10 @@ mod tests {
         let early = msg(SET_VRING_ENABLE, FLAG_VERSION | FLAG_NEED_REPLY, &[0; 8]);
         send(&qemu, &early).unwrap();
         drop(qemu);
-        assert!(relay(front, back).is_err(), "the acknowledgement cannot be sent");
+        assert!(
+            relay(front, back).is_err(),
+            "the acknowledgement cannot be sent"
+        );
         let left = crate::vhost_user::device_threads();
         assert!(left.is_empty(), "{left:?}");
         assert!(recv(&daemon).unwrap().is_none(), "daemon side closed");
