@@ -219,6 +219,26 @@ fn main() {
     ));
 }
 
+/// `kubevirt-min-vmm` running `guest` with `options` (see its doc) set.
+fn floor_subject(
+    name: &'static str,
+    floor: &Path,
+    guest: &Path,
+    options: &'static [&'static str],
+) -> Subject {
+    let (floor, guest) = (floor.to_owned(), guest.to_owned());
+    Subject {
+        name,
+        cmd: Box::new(move || {
+            let mut c = Command::new(&floor);
+            c.arg(&guest).arg("128");
+            c.envs(options.iter().map(|o| (o, "1")));
+            c
+        }),
+        ok_code: 0,
+    }
+}
+
 /// Exec-to-exit time, CPU and peak RSS of our VMM next to QEMU and a minimal floor VMM.
 fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
     let guest = vmm::guests::test_guest("hello");
@@ -240,11 +260,6 @@ fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
         });
     let g = guest.clone();
     let g2 = guest.clone();
-    let g3 = guest.clone();
-    let g4 = guest.clone();
-    let g5 = guest.clone();
-    let floor2 = floor_bin.clone();
-    let floor3 = floor_bin.clone();
     let subjects = [
         Subject {
             name: "kubevirt-vmm run (builtin)",
@@ -282,36 +297,24 @@ fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
             // isa-debug-exit: QEMU exits with (value << 1) | 1.
             ok_code: 1,
         },
-        Subject {
-            name: "floor: minimal VMM (KVM, 1 slot, 1 vCPU)",
-            cmd: Box::new(move || {
-                let mut c = Command::new(&floor_bin);
-                c.arg(&g3).arg("128");
-                c
-            }),
-            ok_code: 0,
-        },
-        Subject {
-            name: "floor + in-kernel irqchip and PIT",
-            cmd: Box::new(move || {
-                let mut c = Command::new(&floor2);
-                c.arg(&g4).arg("128").env("MIN_VMM_IRQCHIP", "1");
-                c
-            }),
-            ok_code: 0,
-        },
-        Subject {
-            name: "floor + irqchip, PIT, 64-bit entry, vCPU thread",
-            cmd: Box::new(move || {
-                let mut c = Command::new(&floor3);
-                c.arg(&g5).arg("128");
-                for option in ["MIN_VMM_IRQCHIP", "MIN_VMM_LONG", "MIN_VMM_THREAD"] {
-                    c.env(option, "1");
-                }
-                c
-            }),
-            ok_code: 0,
-        },
+        floor_subject(
+            "floor: minimal VMM (KVM, 1 slot, 1 vCPU)",
+            &floor_bin,
+            &guest,
+            &[],
+        ),
+        floor_subject(
+            "floor + in-kernel irqchip and PIT",
+            &floor_bin,
+            &guest,
+            &["MIN_VMM_IRQCHIP"],
+        ),
+        floor_subject(
+            "floor + irqchip, PIT, 64-bit entry, vCPU thread",
+            &floor_bin,
+            &guest,
+            &["MIN_VMM_IRQCHIP", "MIN_VMM_LONG", "MIN_VMM_THREAD"],
+        ),
     ];
     let mut rows = measure_subjects(&subjects, runs);
     rows.push(measure_embedded(&guest, runs));
@@ -380,9 +383,9 @@ fn vmm_section(r: &mut String, runs: usize, chart: &mut Vec<Ratio>) {
          KVM's local APIC makes the kernel patch its code on every CPU as the VM is made \
          and again as it goes). With the rest of what issue 2 asks of the VMM's skeleton, \
          the 64-bit entry on page tables and the vCPU on a thread of its own, the floor \
-         takes {} ({:.2}x the floor alone). The other {} are ours: the two seccomp filters (vCPU and VMM thread; the kernel \
-         compiles each and runs it once per call number), CPUID, MSR, FPU and LAPIC \
-         state, the boot structures (zero page, e820, MP table, command line), eventfds \
+         takes {} ({:.2}x the floor alone). The other {} are ours: the two seccomp \
+         filters (vCPU and VMM thread; the kernel compiles each and runs it once per call \
+         number), CPUID, MSR, FPU and LAPIC state, the boot structures (zero page, e820, MP table, command line), eventfds \
          and epoll, and the larger program's start (KVM's supported CPUID, whose host \
          CPUIDs each trap to the outer hypervisor on a nested host, comes from the file \
          kept per host boot). Embedded in a running process (the shim's case) a VM costs \

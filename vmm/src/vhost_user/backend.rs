@@ -170,9 +170,10 @@ impl VhostUserBackendMut for VhostUserDevice {
         let Some(poll) = polled.and_then(|i| self.polls.get_mut(i)) else {
             return signal(&mut guards, used);
         };
-        poll.woke(Instant::now());
+        let now = Instant::now();
+        poll.woke(now);
         if poll.window().is_zero() {
-            poll.gave_up(Instant::now());
+            poll.gave_up(now);
             return signal(&mut guards, used);
         }
         // Before the driver learns of the answer: one that comes straight back must find
