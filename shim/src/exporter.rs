@@ -293,14 +293,18 @@ pub fn serve(dir: &Path, info: VmInfo) -> Result<()> {
     let path = dir.join(SOCKET);
     let listener =
         UnixListener::bind(&path).map_err(ShimError::io(format!("bind {}", path.display())))?;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let _ = conn.set_read_timeout(Some(CLIENT_TIMEOUT));
-            let _ = conn.set_write_timeout(Some(CLIENT_TIMEOUT));
-            respond(conn, &render(&info));
-        }
-    });
-    Ok(())
+    let spawned = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = conn.set_read_timeout(Some(CLIENT_TIMEOUT));
+                let _ = conn.set_write_timeout(Some(CLIENT_TIMEOUT));
+                respond(conn, &render(&info));
+            }
+        });
+    spawned
+        .map(drop)
+        .map_err(ShimError::io("start the metrics thread"))
 }
 
 /// The body of one shim's answer, or nothing from a pod that is gone.

@@ -113,25 +113,29 @@ const MAX_LOG_LINE: u64 = 16 << 10;
 fn forward_agent_log(uds: &Path, pod: String) -> Result<()> {
     let path = format!("{}_{AGENT_LOG_PORT}", uds.display());
     let listener = UnixListener::bind(&path).map_err(ShimError::io(format!("bind {path}")))?;
-    std::thread::spawn(move || {
-        if let Ok((s, _)) = listener.accept() {
-            // Lines are cut at MAX_LOG_LINE: a guest that never sends a newline must not
-            // grow our memory.
-            let mut r = BufReader::new(s);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match (&mut r).take(MAX_LOG_LINE).read_until(b'\n', &mut line) {
-                    Ok(1..) => log::info!(
-                        "pod {pod}: guest: {}",
-                        String::from_utf8_lossy(&line).trim_end()
-                    ),
-                    _ => break,
+    let spawned = std::thread::Builder::new()
+        .name("agent-log".into())
+        .spawn(move || {
+            if let Ok((s, _)) = listener.accept() {
+                // Lines are cut at MAX_LOG_LINE: a guest that never sends a newline must not
+                // grow our memory.
+                let mut r = BufReader::new(s);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match (&mut r).take(MAX_LOG_LINE).read_until(b'\n', &mut line) {
+                        Ok(1..) => log::info!(
+                            "pod {pod}: guest: {}",
+                            String::from_utf8_lossy(&line).trim_end()
+                        ),
+                        _ => break,
+                    }
                 }
             }
-        }
-    });
-    Ok(())
+        });
+    spawned
+        .map(drop)
+        .map_err(ShimError::io("start the agent log thread"))
 }
 
 /// The guest's console, capped (see console.rs).

@@ -106,23 +106,29 @@ pub fn pump(agent: AgentClient, container: String, exec_id: String, stdin: Arc<S
     let Some(mut fifo) = stdin.fifo.lock().unwrap_or_else(|e| e.into_inner()).take() else {
         return;
     };
-    std::thread::spawn(move || {
-        copy(&mut fifo, &stdin.close, |data| {
-            let req = WriteStreamRequest {
-                container_id: container.clone(),
-                exec_id: exec_id.clone(),
-                data: data.to_vec(),
+    let label = format!("{container}/{exec_id}");
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            copy(&mut fifo, &stdin.close, |data| {
+                let req = WriteStreamRequest {
+                    container_id: container.clone(),
+                    exec_id: exec_id.clone(),
+                    data: data.to_vec(),
+                    ..Default::default()
+                };
+                agent.write_stdin(context::Context::default(), &req).is_ok()
+            });
+            let req = ProcessRequest {
+                container_id: container,
+                exec_id,
                 ..Default::default()
             };
-            agent.write_stdin(context::Context::default(), &req).is_ok()
+            let _ = agent.close_stdin(context::Context::default(), &req);
         });
-        let req = ProcessRequest {
-            container_id: container,
-            exec_id,
-            ..Default::default()
-        };
-        let _ = agent.close_stdin(context::Context::default(), &req);
-    });
+    if let Err(e) = spawned {
+        log::error!("process {label}: cannot start its stdin thread: {e}");
+    }
 }
 
 #[cfg(test)]

@@ -39,6 +39,8 @@ pub enum QemuError {
     StartGate(std::io::Error),
     #[error("cannot open a pidfd for {QEMU} (Linux 5.3 or later is needed): {0}")]
     Pidfd(std::io::Error),
+    #[error("cannot start the thread that reads {QEMU}'s console: {0}")]
+    ConsoleThread(std::io::Error),
     #[error("device {name} (virtio type {kind}) has no vhost-user front in QEMU")]
     Unsupported { name: String, kind: u32 },
     #[error("cannot prepare QEMU's mount namespace (with {path}): {source}")]
@@ -355,12 +357,24 @@ impl QemuVm {
         };
         // Console bytes go to the caller's writer as they arrive.
         let console = match (writer, child.stdout.take()) {
-            (Some(mut w), Some(mut out)) => Some(std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = out.read(&mut buf) {
-                    let _ = w.write_all(&buf[..n]);
+            (Some(mut w), Some(mut out)) => {
+                let reader = std::thread::Builder::new()
+                    .name("qemu-console".into())
+                    .spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n @ 1..) = out.read(&mut buf) {
+                            let _ = w.write_all(&buf[..n]);
+                        }
+                    });
+                match reader {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(QemuError::ConsoleThread(e));
+                    }
                 }
-            })),
+            }
             _ => None,
         };
         Ok(Self {
