@@ -4,11 +4,13 @@
 use std::fs;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
 
 use crate::config::ShimConfig;
 use crate::events::Publisher;
+use crate::server::Server;
 use crate::service::{now_ns, state_dir, timestamp, TaskService, SANDBOX_ID};
 
 /// The shim binary's entry points (`start`, `delete`, serving).
@@ -19,12 +21,14 @@ pub struct Service {
     id: String,
 }
 
+#[async_trait]
 impl containerd_shim::Shim for Service {
-    type T = TaskService;
+    type T = Server;
 
-    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         if args.action.is_empty() {
-            // Serving: the process has one thread yet. Children will start on the spawner,
+            // Serving: the process has one thread yet (the runtime's is the main thread,
+            // its blocking pool starts later). Children will start on the spawner,
             // which stays unconfined; every thread made from here on inherits the filter.
             vmm::spawn::start();
             if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Control) {
@@ -39,21 +43,21 @@ impl containerd_shim::Shim for Service {
         }
     }
 
-    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         // Containers of one CRI pod share the shim of their sandbox.
         let spec = fs::read_to_string("config.json").unwrap_or_default();
         let grouping = serde_json::from_str::<serde_json::Value>(&spec)
             .ok()
             .and_then(|v| v["annotations"][SANDBOX_ID].as_str().map(str::to_owned))
             .unwrap_or_else(|| opts.id.clone());
-        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        let address = containerd_shim::spawn(opts, &grouping, Vec::new()).await?;
         // containerd reads it from the bundle when it restarts, to reconnect to us.
-        containerd_shim::util::write_address(&address)?;
+        containerd_shim::asynchronous::util::write_str_to_file("address", &address).await?;
         Ok(address)
     }
 
     /// Cleans up after a shim that died: kills its VM and removes its state.
-    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         let cfg = ShimConfig::load().unwrap_or_default();
         let dir = state_dir(&cfg, &self.namespace, &self.id);
         if let Ok(pid) = fs::read_to_string(dir.join("vm.pid")) {
@@ -86,18 +90,18 @@ impl containerd_shim::Shim for Service {
         })
     }
 
-    fn wait(&mut self) {
-        self.exit.wait();
+    async fn wait(&mut self) {
+        self.exit.wait().await;
     }
 
-    fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        // Its sync ttrpc client would wake the shim 100 times a second (src/events.rs).
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Server {
+        // Ours publishes from plain threads and reconnects (src/events.rs).
         drop(publisher);
         let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
-        TaskService::new(
+        Server::new(TaskService::new(
             Publisher::new(address),
             self.namespace.clone(),
             self.exit.clone(),
-        )
+        ))
     }
 }

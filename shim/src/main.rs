@@ -23,6 +23,7 @@ mod rates;
 mod rootfs;
 mod rpc;
 mod scratch;
+mod server;
 mod service;
 mod stdin;
 mod stdio;
@@ -40,5 +41,29 @@ fn main() {
         no_reaper: true,
         ..Default::default()
     };
-    containerd_shim::run::<lifecycle::Service>("io.containerd.kubevirt.v1", Some(config));
+    // containerd's connections are served on this thread; calls that block run on a pool
+    // of threads that leave when idle (src/server.rs).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_CALL_THREADS)
+        .thread_keep_alive(CALL_THREAD_IDLE)
+        .thread_name("shim-call")
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(containerd_shim::run::<lifecycle::Service>(
+            "io.containerd.kubevirt.v1",
+            Some(config),
+        )),
+        Err(e) => {
+            eprintln!("containerd-shim-kubevirt-v1: cannot start the RPC runtime: {e}");
+            std::process::exit(1);
+        }
+    }
 }
+
+/// Calls in progress at once; more wait for a thread. A pod's calls come a few at a time
+/// (Waits, the long ones, take no thread).
+const MAX_CALL_THREADS: usize = 32;
+
+/// How long a call's thread waits for the next call before it leaves.
+const CALL_THREAD_IDLE: std::time::Duration = std::time::Duration::from_secs(5);

@@ -8,7 +8,7 @@ use containerd_shim::protos::events::task::{
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::topics;
-use containerd_shim::{TtrpcContext, TtrpcResult};
+use containerd_shim::TtrpcResult;
 use protocol::agent::{ContainerRequest, ResizeTtyRequest, SignalRequest, UpdateContainerRequest};
 
 use crate::error::ShimError;
@@ -27,10 +27,10 @@ fn api_status(s: Status) -> ApiStatus {
     }
 }
 
-impl containerd_shim::Task for TaskService {
-    fn create(
+/// The calls' bodies, synchronous: `server.rs` runs each off the RPC thread.
+impl TaskService {
+    pub(crate) fn create(
         &self,
-        _: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         log::info!("create container {} (bundle {})", req.id, req.bundle);
@@ -61,7 +61,7 @@ impl containerd_shim::Task for TaskService {
         })
     }
 
-    fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+    pub(crate) fn start(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let (t, p) = self.process(&req.id, &req.exec_id)?;
         self.start_process(&t, &p)?;
         let pid = p.pid();
@@ -97,7 +97,7 @@ impl containerd_shim::Task for TaskService {
         })
     }
 
-    fn state(&self, _: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+    pub(crate) fn state(&self, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
         let (t, p) = self.process(&req.id, &req.exec_id)?;
         let exit = p.exit_info().unwrap_or_default();
         Ok(api::StateResponse {
@@ -116,15 +116,11 @@ impl containerd_shim::Task for TaskService {
         })
     }
 
-    fn delete(
-        &self,
-        _: &TtrpcContext,
-        req: api::DeleteRequest,
-    ) -> TtrpcResult<api::DeleteResponse> {
+    pub(crate) fn delete(&self, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
         Ok(self.delete_task(&req.id, &req.exec_id)?)
     }
 
-    fn pids(&self, _: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+    pub(crate) fn pids(&self, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let t = self.task(&req.id)?;
         let r = t
             .pod
@@ -151,17 +147,17 @@ impl containerd_shim::Task for TaskService {
         })
     }
 
-    fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+    pub(crate) fn pause(&self, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         self.freeze(&req.id, true)?;
         Ok(api::Empty::new())
     }
 
-    fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+    pub(crate) fn resume(&self, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         self.freeze(&req.id, false)?;
         Ok(api::Empty::new())
     }
 
-    fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+    pub(crate) fn kill(&self, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let (t, p) = self.process(&req.id, &req.exec_id)?;
         // Held until the answer: the process's exit is reported after it.
         let _signalling = p.signalling();
@@ -182,7 +178,7 @@ impl containerd_shim::Task for TaskService {
         Ok(api::Empty::new())
     }
 
-    fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+    pub(crate) fn exec(&self, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         let t = self.task(&req.id)?;
         let mut execs = t.execs.lock().unwrap_or_else(|e| e.into_inner());
         if execs.contains_key(&req.exec_id) {
@@ -217,7 +213,7 @@ impl containerd_shim::Task for TaskService {
         Ok(api::Empty::new())
     }
 
-    fn resize_pty(&self, _: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+    pub(crate) fn resize_pty(&self, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
         let t = self.task(&req.id)?;
         let r = ResizeTtyRequest {
             container_id: req.id.clone(),
@@ -233,7 +229,7 @@ impl containerd_shim::Task for TaskService {
         Ok(api::Empty::new())
     }
 
-    fn close_io(&self, _: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+    pub(crate) fn close_io(&self, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         let (_, p) = self.process(&req.id, &req.exec_id)?;
         if req.stdin && !p.io.stdin.is_empty() {
             // The stdin pump delivers what is queued, then closes (also if not started yet).
@@ -242,7 +238,7 @@ impl containerd_shim::Task for TaskService {
         Ok(api::Empty::new())
     }
 
-    fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+    pub(crate) fn update(&self, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         let t = self.task(&req.id)?;
         let resources = req
             .resources
@@ -268,17 +264,7 @@ impl containerd_shim::Task for TaskService {
         Ok(api::Empty::new())
     }
 
-    fn wait(&self, _: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        let (_, p) = self.process(&req.id, &req.exec_id)?;
-        let exit = p.wait();
-        Ok(api::WaitResponse {
-            exit_status: exit.status,
-            exited_at: timestamp(exit.at_unix_ns),
-            ..Default::default()
-        })
-    }
-
-    fn stats(&self, _: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+    pub(crate) fn stats(&self, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
         let t = self.task(&req.id)?;
         let r = ContainerRequest {
             container_id: req.id.clone(),
@@ -297,11 +283,7 @@ impl containerd_shim::Task for TaskService {
         })
     }
 
-    fn connect(
-        &self,
-        _: &TtrpcContext,
-        req: api::ConnectRequest,
-    ) -> TtrpcResult<api::ConnectResponse> {
+    pub(crate) fn connect(&self, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
         let task_pid = self.task(&req.id).map(|t| t.pod.vm_pid).unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
@@ -311,7 +293,7 @@ impl containerd_shim::Task for TaskService {
         })
     }
 
-    fn shutdown(&self, _: &TtrpcContext, _: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+    pub(crate) fn shutdown(&self, _: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         if self
             .tasks
             .lock()

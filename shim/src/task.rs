@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use crate::pod::Pod;
 use crate::stdin::Stdin;
 use crate::stdio::StdioPaths;
@@ -41,7 +43,8 @@ pub struct Proc {
     /// The stdin FIFO, open from creation, and containerd's CloseIO for its pump.
     pub stdin: Arc<Stdin>,
     state: Mutex<ProcState>,
-    exited: Condvar,
+    /// Wakes containerd's Waits, which are tasks on the RPC thread (no thread each).
+    exited: Notify,
     answered: Condvar,
 }
 
@@ -59,7 +62,7 @@ impl Proc {
                 exit: None,
                 signals: 0,
             }),
-            exited: Condvar::new(),
+            exited: Notify::new(),
             answered: Condvar::new(),
         }))
     }
@@ -89,7 +92,8 @@ impl Proc {
         let mut s = self.lock();
         s.status = Status::Stopped;
         s.exit = Some(e);
-        self.exited.notify_all();
+        drop(s);
+        self.exited.notify_waiters();
     }
 
     pub fn status(&self) -> Status {
@@ -123,14 +127,16 @@ impl Proc {
         s.signals == 0
     }
 
-    /// Blocks until the process has exited.
-    pub fn wait(&self) -> ExitInfo {
-        let mut s = self.lock();
+    /// Ends when the process has exited.
+    pub async fn wait(&self) -> ExitInfo {
         loop {
-            if let Some(e) = s.exit {
+            // Registered before the check, so an exit in between still wakes it.
+            let mut exited = std::pin::pin!(self.exited.notified());
+            exited.as_mut().enable();
+            if let Some(e) = self.exit_info() {
                 return e;
             }
-            s = self.exited.wait(s).unwrap_or_else(|e| e.into_inner());
+            exited.await;
         }
     }
 }
@@ -204,5 +210,32 @@ mod tests {
             (Duration::from_millis(40)..Duration::from_secs(5)).contains(&waited),
             "{waited:?}: woken by the answer, not the limit"
         );
+    }
+
+    #[test]
+    fn a_wait_ends_at_the_exit_and_a_later_one_at_once() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let p = proc_();
+        let waiter = rt.spawn({
+            let p = p.clone();
+            async move { p.wait().await }
+        });
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(30)).await });
+        assert!(!waiter.is_finished(), "ended before the exit");
+        let exit = ExitInfo {
+            status: 3,
+            at_unix_ns: 7,
+        };
+        // From a plain thread, as the shim reports exits.
+        let exiting = p.clone();
+        std::thread::spawn(move || exiting.exit(exit))
+            .join()
+            .unwrap();
+        assert_eq!(rt.block_on(waiter).unwrap(), exit);
+        assert_eq!(rt.block_on(p.wait()), exit);
+        assert_eq!(p.status(), Status::Stopped);
     }
 }
