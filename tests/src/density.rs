@@ -193,9 +193,10 @@ pub fn density_section(r: &mut String, pods: usize, image: &str, progress: &dyn 
     );
     let _ = writeln!(
         r,
-        "| guest memory | shim RSS / PSS | VM process (QEMU) RSS / PSS | host PSS per pod |"
+        "| guest memory | shim RSS / PSS | VM process (QEMU) RSS / PSS | host PSS per pod | shim threads |"
     );
-    let _ = writeln!(r, "| --- | --- | --- | --- |");
+    let _ = writeln!(r, "| --- | --- | --- | --- | --- |");
+    let mut shim_threads = String::new();
     for guest_mib in [128u64, 512] {
         progress(&format!("memory of an idle pod with {guest_mib} MiB ..."));
         std::fs::write(
@@ -205,21 +206,25 @@ pub fn density_section(r: &mut String, pods: usize, image: &str, progress: &dyn 
         .expect("shim config");
         let batch = start_pods(&c, &format!("mem{guest_mib}"), 1, image);
         if let Some(e) = batch.failed.first() {
-            let _ = writeln!(r, "| {guest_mib} MiB | failed: {e} | - | - |");
+            let _ = writeln!(r, "| {guest_mib} MiB | failed: {e} | - | - | - |");
             continue;
         }
         // Idle: the guest has booted and the container sleeps.
         std::thread::sleep(Duration::from_secs(3));
         let (shim, vm) = pod_processes_memory(&c);
+        let threads = c.pod_pids().0.first().map(|p| crate::threads::by_name(*p));
+        let threads = threads.unwrap_or_default();
         let _ = writeln!(
             r,
-            "| {guest_mib} MiB | {} / {} | {} / {} | {} |",
+            "| {guest_mib} MiB | {} / {} | {} / {} | {} | {} |",
             mib(shim.rss),
             mib(shim.pss),
             mib(vm.rss),
             mib(vm.pss),
-            mib(shim.pss + vm.pss)
+            mib(shim.pss + vm.pss),
+            threads.values().sum::<usize>()
         );
+        shim_threads = crate::threads::summary(&threads);
         let pods: Vec<String> = batch.started.iter().map(|s| s.pod.clone()).collect();
         remove_pods(&c, &pods);
     }
@@ -232,6 +237,7 @@ pub fn density_section(r: &mut String, pods: usize, image: &str, progress: &dyn 
          translation cache. On a native-KVM host the builtin VMM runs inside the shim \
          (see the VMM section for its own overhead).\n"
     );
+    let _ = writeln!(r, "The idle shim's threads, by name: {shim_threads}.\n");
 
     progress(&format!("density: {pods} pods at once ..."));
     let batch = start_pods(&c, "dense", pods, image);

@@ -47,6 +47,31 @@ pub fn report(pid: u32) -> String {
     out
 }
 
+/// How many threads process `pid` has, by thread name (empty if it is gone).
+pub fn by_name(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut names = std::collections::BTreeMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return names;
+    };
+    for t in tasks.flatten() {
+        let name = read(&t.path().join("comm").to_string_lossy());
+        *names.entry(name.trim().to_string()).or_insert(0) += 1;
+    }
+    names
+}
+
+/// `name` or `name x3`, comma-separated, for a report.
+pub fn summary(names: &std::collections::BTreeMap<String, usize>) -> String {
+    let each: Vec<String> = names
+        .iter()
+        .map(|(name, n)| match n {
+            1 => name.clone(),
+            n => format!("{name} x{n}"),
+        })
+        .collect();
+    each.join(", ")
+}
+
 fn read(path: &str) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }

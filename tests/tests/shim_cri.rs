@@ -52,6 +52,41 @@ impl Drop for HostTmpfs {
     }
 }
 
+/// The shim's threads do not grow with containerd's calls: its connections and Waits are
+/// tasks on one thread, and the threads calls run on leave once idle.
+fn assert_calls_leave_no_threads(cri: &mut cri::Cri, c: &Containerd, pod: &str, ctr: &str) {
+    // Pools whose threads come and go: the calls' and the agent client's.
+    const POOLS: [&str; 2] = ["shim-call", "ttrpc-io"];
+    let lasting = |names: &std::collections::BTreeMap<String, usize>| -> usize {
+        names
+            .iter()
+            .filter(|(name, _)| !POOLS.contains(&name.as_str()))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let shim = c.shim_pid(pod);
+    let before = tests::threads::by_name(shim);
+    for _ in 0..8 {
+        let r = cri.exec_sync(ctr, &["true"]).unwrap();
+        assert_eq!(r.exit_code, 0);
+    }
+    let after = until("the calls' threads to leave", c, || {
+        let names = tests::threads::by_name(shim);
+        (!names.contains_key("shim-call")).then_some(names)
+    });
+    assert_eq!(
+        lasting(&before),
+        lasting(&after),
+        "before eight execs: {}\nafter: {}",
+        tests::threads::summary(&before),
+        tests::threads::summary(&after)
+    );
+    println!(
+        "  shim threads after eight execs: {}",
+        tests::threads::summary(&after)
+    );
+}
+
 /// Runs the node's metrics exporter over the test's shims and scrapes it once.
 fn scrape_metrics(c: &Containerd) -> String {
     use std::io::{BufRead, Read, Write};
@@ -196,6 +231,7 @@ fn a_pod_through_the_cri_two_containers_network_files_block_volume_logs_stats() 
     assert!(lines[3].ends_with("-kubevirt"), "the guest kernel: {out}");
     let r = cri.exec_sync(&side, &["sh", "-c", "exit 3"]).unwrap();
     assert_eq!(r.exit_code, 3);
+    assert_calls_leave_no_threads(&mut cri, &c, &pod, &side);
     let r = cri
         .exec_sync(
             &side,
