@@ -95,7 +95,8 @@ impl containerd_shim::Shim for Service {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Server {
-        // Ours publishes from plain threads and reconnects (src/events.rs).
+        // Ours is called from the calls' synchronous bodies and reconnects to a restarted
+        // containerd (src/events.rs).
         drop(publisher);
         let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
         Server::new(TaskService::new(
