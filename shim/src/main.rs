@@ -47,6 +47,7 @@ fn main() {
         .enable_all()
         .max_blocking_threads(MAX_CALL_THREADS)
         .thread_keep_alive(CALL_THREAD_IDLE)
+        // Tests and the bench count threads by this name (tests::threads::SHIM_CALL).
         .thread_name("shim-call")
         .build();
     match runtime {

@@ -13,7 +13,6 @@ use containerd_shim::{TtrpcContext, TtrpcResult};
 use crate::service::{timestamp, TaskService};
 
 /// The Task service as containerd's ttrpc server calls it.
-#[derive(Clone)]
 pub struct Server(Arc<TaskService>);
 
 impl Server {

@@ -176,19 +176,6 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
-/// The threads of shim `pid` by name, once the threads its calls ran on have left (they
-/// stay 5 s after the last call; at most 10 s is waited).
-fn idle_threads(pid: u32) -> std::collections::BTreeMap<String, usize> {
-    let t0 = Instant::now();
-    loop {
-        let names = crate::threads::by_name(pid);
-        if !names.contains_key("shim-call") || t0.elapsed() > Duration::from_secs(10) {
-            return names;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// How long the density pods' idle CPU is measured.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -225,11 +212,10 @@ pub fn density_section(r: &mut String, pods: usize, image: &str, progress: &dyn 
         // Idle: the guest has booted and the container sleeps.
         std::thread::sleep(Duration::from_secs(3));
         let (shim, vm) = pod_processes_memory(&c);
-        let threads = c
-            .pod_pids()
-            .0
-            .first()
-            .map_or_else(Default::default, |p| idle_threads(*p));
+        let threads = c.pod_pids().0.first().map_or_else(Default::default, |p| {
+            crate::threads::once_calls_left(*p, Duration::from_secs(10))
+                .unwrap_or_else(|still_calling| still_calling)
+        });
         let _ = writeln!(
             r,
             "| {guest_mib} MiB | {} / {} | {} / {} | {} | {} |",

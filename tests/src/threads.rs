@@ -60,6 +60,28 @@ pub fn by_name(pid: u32) -> std::collections::BTreeMap<String, usize> {
     names
 }
 
+/// The name of the shim's call threads (`shim/src/main.rs`), which leave after 5 s idle.
+pub const SHIM_CALL: &str = "shim-call";
+
+/// The threads of shim `pid` by name once its call threads have left: `Err` with the last
+/// count if they are still there after `limit`.
+pub fn once_calls_left(
+    pid: u32,
+    limit: std::time::Duration,
+) -> Result<std::collections::BTreeMap<String, usize>, std::collections::BTreeMap<String, usize>> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let names = by_name(pid);
+        if !names.contains_key(SHIM_CALL) {
+            return Ok(names);
+        }
+        if t0.elapsed() > limit {
+            return Err(names);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// `name` or `name x3`, comma-separated, for a report.
 pub fn summary(names: &std::collections::BTreeMap<String, usize>) -> String {
     let each: Vec<String> = names

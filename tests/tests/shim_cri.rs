@@ -55,10 +55,13 @@ impl Drop for HostTmpfs {
 /// The shim's lasting threads, by name, once the threads calls ran on have left. Pools
 /// whose threads come and go (the calls' and the agent client's) are left out.
 fn lasting_threads(c: &Containerd, pod: &str) -> std::collections::BTreeMap<String, usize> {
-    let shim = c.shim_pid(pod);
-    let mut names = until("the calls' threads to leave", c, || {
-        let names = tests::threads::by_name(shim);
-        (!names.contains_key("shim-call")).then_some(names)
+    let left = tests::threads::once_calls_left(c.shim_pid(pod), Duration::from_secs(60));
+    let mut names = left.unwrap_or_else(|names| {
+        panic!(
+            "call threads still there after 60 s: {}\n{}",
+            tests::threads::summary(&names),
+            tail(&c.log(), 40)
+        )
     });
     names.remove("ttrpc-io");
     names
