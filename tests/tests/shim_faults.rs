@@ -230,7 +230,7 @@ fn a_killed_vmm_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
     for kind in [
         "vu-vsock",
         "vu-relay-net",
-        "blk-scratch",
+        "blk-io",
         "vring_worker",
         // containerd's RPCs (the main thread, comm truncated).
         "containerd-shim",

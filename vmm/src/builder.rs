@@ -41,6 +41,8 @@ pub enum BuildError {
     Regs(#[from] regs::RegsError),
     #[error(transparent)]
     Block(#[from] devices::block::BlockError),
+    #[error("cannot start the disks' I/O threads: {0}")]
+    IoThreads(std::io::Error),
     #[error(transparent)]
     Net(#[from] devices::net::NetError),
     #[error(transparent)]
@@ -166,12 +168,18 @@ impl From<&[NamedDevice]> for DeviceCounters {
 /// machine (virtio-mmio) and the qemu machine (vhost-user).
 pub fn create_devices(config: &mut VmConfig) -> Result<Vec<NamedDevice>, BuildError> {
     let mut out: Vec<NamedDevice> = Vec::new();
-    for (i, disk) in config.disks.iter().enumerate() {
+    if !config.disks.is_empty() {
+        // One pool of I/O threads for all the disks: a pod's image slots are idle most of
+        // the time, and threads of their own would idle with them.
         let setup = config
             .seccomp
-            .then_some(crate::seccomp::confine_disk_io as fn() -> Result<(), String>);
-        let dev = devices::block::Block::with_io_setup(disk.clone(), setup)?;
-        out.push((format!("blk{i}"), Arc::new(Mutex::new(dev))));
+            .then_some(crate::seccomp::confine_disk_io as devices::block::IoSetup);
+        let pool = devices::block::IoPool::for_disks(config.disks.len(), setup)
+            .map_err(BuildError::IoThreads)?;
+        for (i, disk) in config.disks.iter().enumerate() {
+            let dev = devices::block::Block::with_pool(disk.clone(), &pool)?;
+            out.push((format!("blk{i}"), Arc::new(Mutex::new(dev))));
+        }
     }
     for (i, net) in std::mem::take(&mut config.nets).into_iter().enumerate() {
         out.push((

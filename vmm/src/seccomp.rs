@@ -339,7 +339,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
     Ok(rules)
 }
 
-/// For `devices::block::Block::with_io_setup`: confines a disk I/O thread as it starts.
+/// For `devices::block::IoPool`: confines a disk I/O thread as it starts.
 pub fn confine_disk_io() -> Result<(), String> {
     install(ThreadKind::DiskIo).map_err(|e| e.to_string())
 }

@@ -1,23 +1,17 @@
-//! The disk back end and its worker threads: requests arrive over a channel, file I/O runs
-//! with pread/pwrite straight between the file and guest memory (no bounce buffer), and
-//! each finished request is sent back and announced on an eventfd the transport watches
-//! (once per batch: the eventfd is written only when the device has drained the previous
-//! announcement, which saves a syscall and a wake-up per request under load).
+//! The disk back end: file I/O runs with pread/pwrite straight between the file and guest
+//! memory (no bounce buffer), on the I/O threads of [`super::pool`] or, for a request that
+//! cannot stall anything, on the queue's own thread.
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{Op, Request, Segment, ID_LEN, SECTOR_SIZE};
 use super::BlockError;
@@ -114,7 +108,7 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     Ok(size)
 }
 
-/// One request handed to the worker, with the guest memory it refers to.
+/// One request handed to an I/O thread, with the guest memory it refers to.
 #[derive(Debug)]
 pub(crate) struct Job {
     pub head: u16,
@@ -146,233 +140,6 @@ impl DiskSource {
         match self {
             DiskSource::Fixed(d) => Some(d.clone()),
             DiskSource::Slot(s) => s.current(),
-        }
-    }
-}
-
-/// Jobs waiting for an I/O thread. An idle thread parks on the condvar at once and a job
-/// wakes one: a shared channel receiver behind a mutex woke the second idle thread on
-/// every job only for it to block again, and a channel whose receivers spin and yield
-/// before parking kept a CPU busy just when the thread serving the queue was woken onto
-/// it (its wake-up to run delay doubled, `perf sched latency`).
-#[derive(Debug, Default)]
-struct JobQueue {
-    state: Mutex<Queued>,
-    ready: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct Queued {
-    jobs: VecDeque<Job>,
-    /// The device is done with the queue: the threads end once it is empty.
-    closed: bool,
-    /// Changes of the disk the threads are making.
-    changes: usize,
-    /// One of them is a long one (see [`Change`]).
-    long_change: bool,
-}
-
-/// Writes, discards and write-zeroes hold the file's inode lock for all of their work.
-/// Small writes still gain from a second thread (their work outside the lock overlaps), but
-/// beside a long change a second thread only spins on the lock (a core lost, not a write
-/// gained): a long change runs alone among changes, while reads go on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Change {
-    None,
-    Short,
-    Long,
-}
-
-/// Writes larger than this are long changes.
-const LONG_WRITE: u64 = 64 << 10;
-
-impl Job {
-    fn change(&self) -> Change {
-        match self.req.op {
-            Op::Write { .. } if self.req.len <= LONG_WRITE => Change::Short,
-            Op::Write { .. } | Op::Discard { .. } | Op::WriteZeroes { .. } => Change::Long,
-            Op::Read { .. } | Op::Flush | Op::GetId => Change::None,
-        }
-    }
-}
-
-impl Queued {
-    fn may_start(&self, change: Change) -> bool {
-        match change {
-            Change::None => true,
-            Change::Short => !self.long_change,
-            Change::Long => self.changes == 0,
-        }
-    }
-}
-
-impl JobQueue {
-    fn lock(&self) -> MutexGuard<'_, Queued> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues `job`; gives it back once the queue is closed.
-    fn push(&self, job: Job) -> Result<(), Job> {
-        let mut q = self.lock();
-        if q.closed {
-            return Err(job);
-        }
-        q.jobs.push_back(job);
-        drop(q);
-        self.ready.notify_one();
-        Ok(())
-    }
-
-    /// The next job in arrival order that may start beside the changes under way (see
-    /// [`Change`]), waiting for one; `None` once the queue is closed and empty. The
-    /// caller of a change reports its end with [`JobQueue::changed`].
-    fn pop(&self) -> Option<Job> {
-        let mut q = self.lock();
-        loop {
-            let next = q.jobs.iter().position(|j| q.may_start(j.change()));
-            if let Some(job) = next.and_then(|i| q.jobs.remove(i)) {
-                match job.change() {
-                    Change::None => {}
-                    Change::Short => q.changes += 1,
-                    Change::Long => (q.changes, q.long_change) = (1, true),
-                }
-                return Some(job);
-            }
-            if q.closed && q.jobs.is_empty() {
-                return None;
-            }
-            q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// A change taken by `pop` is done: those it held back may start.
-    fn changed(&self, change: Change) {
-        let mut q = self.lock();
-        q.changes = q.changes.saturating_sub(1);
-        q.long_change &= change != Change::Long;
-        let waiting = !q.jobs.is_empty();
-        drop(q);
-        if waiting {
-            self.ready.notify_one();
-        }
-    }
-
-    /// Lets the threads finish what is queued, then end.
-    fn close(&self) {
-        self.lock().closed = true;
-        self.ready.notify_all();
-    }
-}
-
-/// The worker threads of one disk; dropping it ends and joins them.
-#[derive(Debug)]
-pub(crate) struct Worker {
-    jobs: Option<Arc<JobQueue>>,
-    done: Receiver<Done>,
-    /// Set by a worker when it writes the eventfd, cleared by [`Worker::rearm`]: while
-    /// set, the device has yet to drain `done` and further completions need no signal.
-    announced: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Worker {
-    /// Starts `threads` threads named after `name` serving `disk`, taking jobs in
-    /// arrival order; each finished request is announced on `notify`.
-    pub fn spawn(
-        name: String,
-        disk: DiskSource,
-        id: [u8; ID_LEN],
-        notify: EventFd,
-        threads: usize,
-        setup: Option<fn() -> Result<(), String>>,
-    ) -> io::Result<Worker> {
-        let jobs = Arc::new(JobQueue::default());
-        let (done_tx, done) = channel();
-        let announced = Arc::new(AtomicBool::new(false));
-        let mut worker = Worker {
-            jobs: Some(jobs.clone()),
-            done,
-            announced,
-            threads: Vec::new(),
-        };
-        for i in 0..threads.max(1) {
-            let (queue, done_tx, flag) = (jobs.clone(), done_tx.clone(), worker.announced.clone());
-            let (disk, notify) = (disk.clone(), notify.try_clone()?);
-            let thread_name = if i == 0 {
-                name.clone()
-            } else {
-                format!("{name}.{i}")
-            };
-            let thread = std::thread::Builder::new()
-                .name(thread_name)
-                .spawn(move || {
-                    // A thread that cannot be confined does no I/O, but it still answers
-                    // (with an error), so no request waits forever.
-                    let set_up = setup.map_or(Ok(()), |f| f());
-                    if let Err(e) = &set_up {
-                        log::error!("virtio-blk: I/O thread not set up, failing its requests: {e}");
-                    }
-                    // Ends when the device closes the queue.
-                    while let Some(job) = queue.pop() {
-                        let change = job.change();
-                        let done = match &set_up {
-                            Ok(()) => execute(disk.current().as_deref(), &id, job),
-                            Err(_) => refuse(job),
-                        };
-                        if change != Change::None {
-                            queue.changed(change);
-                        }
-                        if done_tx.send(done).is_err() {
-                            break;
-                        }
-                        // Pairs with `rearm`: the send is visible before the flag is read.
-                        if !flag.swap(true, Ordering::SeqCst) {
-                            if let Err(e) = notify.write(1) {
-                                log::warn!("virtio-blk: cannot signal completion: {e}");
-                            }
-                        }
-                    }
-                });
-            // On an error, dropping `worker` ends and joins the threads already started.
-            worker.threads.push(thread?);
-        }
-        Ok(worker)
-    }
-
-    /// Called after consuming the eventfd and before draining [`Worker::try_done`]: a
-    /// request finished from now on signals again.
-    pub fn rearm(&self) {
-        self.announced.store(false, Ordering::SeqCst);
-    }
-
-    /// Queues `job`; gives it back if the worker is gone.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
-        match &self.jobs {
-            Some(q) => q.push(job),
-            None => Err(job),
-        }
-    }
-
-    /// A finished request, if one is waiting.
-    pub fn try_done(&self) -> Option<Done> {
-        self.done.try_recv().ok()
-    }
-
-    /// Waits for the next finished request; `None` if the worker is gone.
-    pub fn wait_done(&self) -> Option<Done> {
-        self.done.recv().ok()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(q) = self.jobs.take() {
-            q.close();
-        }
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                log::error!("virtio-blk: worker thread panicked");
-            }
         }
     }
 }
@@ -429,7 +196,7 @@ pub(crate) fn read_cached(disk: &Disk, job: Job) -> Result<Done, Job> {
 }
 
 /// Answers `job` with an I/O error, doing nothing else.
-fn refuse(job: Job) -> Done {
+pub(crate) fn refuse(job: Job) -> Done {
     let refused = Err(io::Error::other("the I/O thread is not set up"));
     finish(job.head, &job.req, &job.mem, refused)
 }
@@ -697,59 +464,6 @@ mod tests {
                 len,
             })
             .collect()
-    }
-
-    /// Job `head` doing `op` on `len` bytes.
-    fn job(head: u16, op: Op, len: u64) -> Job {
-        Job {
-            head,
-            req: Request {
-                op,
-                data: Vec::new(),
-                len,
-                status: GuestAddress(0),
-            },
-            mem: GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
-        }
-    }
-
-    #[test]
-    fn a_long_change_runs_alone_among_changes_while_reads_go_on() {
-        let q = JobQueue::default();
-        let (read, write) = (Op::Read { sector: 0 }, Op::Write { sector: 0 });
-        let discard = Op::Discard {
-            sector: 0,
-            sectors: 8,
-        };
-        for (head, op, len) in [
-            (0, write, LONG_WRITE + 512),
-            (1, write, 4096),
-            (2, read, 4096),
-            (3, discard, 0),
-            (4, read, 1 << 20),
-        ] {
-            q.push(job(head, op, len)).unwrap();
-        }
-        let pop = || q.pop().unwrap().head;
-        // The long write starts; the short write waits for it, reads do not.
-        assert_eq!(pop(), 0);
-        assert_eq!(pop(), 2);
-        assert_eq!(pop(), 4);
-        q.changed(Change::Long);
-        // Short changes may run side by side, but not beside a long one.
-        assert_eq!(q.pop().unwrap().head, 1);
-        q.push(job(5, write, 512)).unwrap();
-        assert_eq!(
-            q.pop().unwrap().head,
-            5,
-            "the discard waits for both writes"
-        );
-        q.changed(Change::Short);
-        q.changed(Change::Short);
-        assert_eq!(q.pop().unwrap().head, 3);
-        q.changed(Change::Long);
-        q.close();
-        assert!(q.pop().is_none());
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! virtio-blk (virtio 1.2, section 5.2) over a raw file or a host block device.
 //!
 //! `process_queue` parses each chain ([`request`], pure) and hands checked requests to the
-//! disk's I/O threads ([`io`], two per disk), so slow file I/O never stalls the event loop
-//! serving other devices. The workers write data and status into guest memory and signal
+//! I/O threads ([`pool`], shared by the disks of a VM; [`io`] does the I/O), so slow file
+//! I/O never stalls the event loop serving other devices. The workers write data and status into guest memory and signal
 //! an eventfd ([`VirtioDevice::backend_fd`]); `process_backend` then returns the chains.
 //! A small request the driver waits on alone is answered at once where that cannot stall
 //! anything ([`inline`]): the hand-off costs more than the work.
@@ -10,6 +10,7 @@
 mod inline;
 mod io;
 mod media;
+mod pool;
 pub mod request;
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,8 +29,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::inline::InlineWrites;
-use self::io::{Disk, DiskSource, Done, Job, Worker};
+use self::io::{Disk, DiskSource, Done, Job};
 pub use self::media::MediaSlot;
+use self::pool::Worker;
+pub use self::pool::{IoPool, IoSetup, MAX_THREADS, THREADS_PER_DISK};
 use self::request::{DiskInfo, Op, Parsed, ID_LEN, MAX_RANGE_SECTORS, SECTOR_SIZE};
 use crate::rate_limit::{Limiter, RateLimit, RateLimitError};
 use crate::virtio::{
@@ -44,9 +47,6 @@ const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 /// padding; the secure-erase and zoned fields after it read as zero.
 pub const CONFIG_LEN: usize = 60;
 
-/// I/O threads per disk: two let a large transfer proceed while another one copies (the
-/// page-cache copy of a 1 MiB request takes ~100 us of one core).
-const IO_THREADS: usize = 2;
 /// Disks without an id are named `blk-<n>` in thread names, numbered in creation order.
 static NEXT_DISK: AtomicUsize = AtomicUsize::new(0);
 
@@ -71,7 +71,7 @@ pub enum BlockError {
         path: PathBuf,
         source: RateLimitError,
     },
-    #[error("cannot start the I/O thread of disk {path}: {source}")]
+    #[error("cannot start the I/O threads of disk {path}: {source}")]
     Thread {
         path: PathBuf,
         source: std::io::Error,
@@ -107,6 +107,13 @@ pub struct BlockStats {
     pub errors: u64,
 }
 
+/// Whose I/O threads serve a disk.
+enum Threads<'a> {
+    /// Threads of its own, each set up first with the function given.
+    Own(Option<IoSetup>),
+    Shared(&'a IoPool),
+}
+
 /// The live block device.
 #[derive(Debug)]
 pub struct Block {
@@ -137,17 +144,23 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens the disk and starts its I/O threads.
+    /// Opens the disk and starts I/O threads of its own.
     pub fn new(config: BlockConfig) -> Result<Block, BlockError> {
-        Self::with_io_setup(config, None)
+        Self::create(config, Threads::Own(None))
     }
 
-    /// [`Block::new`], with `setup` run first on each I/O thread (the embedding program's
-    /// seccomp filter); a thread whose setup fails logs why and serves nothing.
-    pub fn with_io_setup(
-        config: BlockConfig,
-        setup: Option<fn() -> Result<(), String>>,
-    ) -> Result<Block, BlockError> {
+    /// [`Block::new`], with `setup` run first on each of its I/O threads (the embedding
+    /// program's seccomp filter).
+    pub fn with_io_setup(config: BlockConfig, setup: Option<IoSetup>) -> Result<Block, BlockError> {
+        Self::create(config, Threads::Own(setup))
+    }
+
+    /// Opens the disk, served by the I/O threads of `pool`.
+    pub fn with_pool(config: BlockConfig, pool: &IoPool) -> Result<Block, BlockError> {
+        Self::create(config, Threads::Shared(pool))
+    }
+
+    fn create(config: BlockConfig, threads: Threads) -> Result<Block, BlockError> {
         let mut id = [0u8; ID_LEN];
         if let Some(s) = &config.id {
             let bad = |reason| BlockError::BadId {
@@ -175,10 +188,6 @@ impl Block {
         };
         let completions = EventFd::new(EFD_NONBLOCK).map_err(thread_err)?;
         let notify = completions.try_clone().map_err(thread_err)?;
-        let name = match &config.id {
-            Some(id) => format!("blk-{id}"),
-            None => format!("blk-{}", NEXT_DISK.fetch_add(1, Ordering::Relaxed)),
-        };
         let disk = Arc::new(disk);
         let source = match &config.slot {
             Some(slot) => {
@@ -187,8 +196,19 @@ impl Block {
             }
             None => DiskSource::Fixed(disk),
         };
-        let worker = Worker::spawn(name, source.clone(), id, notify, IO_THREADS, setup)
-            .map_err(thread_err)?;
+        let own;
+        let pool = match threads {
+            Threads::Shared(pool) => pool,
+            Threads::Own(setup) => {
+                let name = match &config.id {
+                    Some(id) => format!("blk-{id}"),
+                    None => format!("blk-{}", NEXT_DISK.fetch_add(1, Ordering::Relaxed)),
+                };
+                own = IoPool::new(&name, THREADS_PER_DISK, setup).map_err(thread_err)?;
+                &own
+            }
+        };
+        let worker = pool.lane(source.clone(), id, notify);
         let limiter = Limiter::new(config.rate).map_err(|e| BlockError::RateLimit {
             path: config.path.clone(),
             source: e,
