@@ -228,7 +228,7 @@ fn a_killed_vmm_ends_the_containers_and_the_sandbox_and_leaves_nothing() {
         "unconfined shim threads"
     );
     for kind in [
-        "vu-vsock",
+        "vu-devices",
         "vu-relay-net",
         "blk-io",
         "vring_worker",

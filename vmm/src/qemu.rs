@@ -15,7 +15,7 @@ use devices::virtio::device_type;
 use crate::builder::{create_devices, BuildError, DeviceCounters};
 use crate::config::{SerialOutput, VmConfig};
 use crate::jail::Jail;
-use crate::vhost_user::{serve, VhostUserError, VhostUserServer};
+use crate::vhost_user::{serve_all, Served, VhostUserError, VhostUserServer};
 use crate::vmm::VmExit;
 
 /// Errors of the qemu machine.
@@ -87,7 +87,7 @@ pub struct QemuVm {
     /// Readable once QEMU has ended.
     pidfd: OwnedFd,
     counters: DeviceCounters,
-    servers: Vec<VhostUserServer>,
+    server: Option<VhostUserServer>,
     dir: PathBuf,
     console: Option<std::thread::JoinHandle<()>>,
 }
@@ -246,7 +246,7 @@ impl QemuVm {
         // last `reboot=` wins.
         args.push("-append".into());
         args.push(format!("{timers}{} reboot=t", config.cmdline));
-        let mut servers = Vec::new();
+        let mut served = Vec::new();
         for (i, (name, device)) in devices.into_iter().enumerate() {
             let kind = crate::bus::lock(&device).device_type();
             let socket = dir.join(format!("{name}.sock"));
@@ -266,12 +266,21 @@ impl QemuVm {
                 }
                 kind => return Err(QemuError::Unsupported { name, kind }),
             };
-            servers.push(serve(&name, device, &socket, config.seccomp)?);
+            served.push(Served {
+                name,
+                device,
+                socket: socket.clone(),
+            });
             args.push("-chardev".into());
             args.push(format!("socket,id={chardev},path={}", socket.display()));
             args.push("-device".into());
             args.push(front);
         }
+        // One thread serves them all (`vu-devices`); a machine without devices needs none.
+        let server = match served.is_empty() {
+            true => None,
+            false => Some(serve_all("devices", served, config.seccomp)?),
+        };
         // Free page reporting: the guest reports memory it freed (in 2 MiB blocks, a couple of
         // seconds after) and QEMU punches it out of the memfd. Our device servers map the
         // same memfd and fault zero pages there if the guest reuses the memory.
@@ -381,7 +390,7 @@ impl QemuVm {
             child,
             pidfd,
             counters,
-            servers,
+            server,
             dir,
             console,
         })
@@ -430,7 +439,7 @@ impl QemuVm {
     }
 
     fn finish(&mut self) {
-        for s in self.servers.drain(..) {
+        if let Some(s) = self.server.take() {
             s.finish();
         }
         if let Some(c) = self.console.take() {

@@ -7,9 +7,11 @@
 mod backend;
 mod poll;
 mod proxy;
+mod server;
 
-pub use backend::{serve, VhostUserDevice, VhostUserError, VhostUserServer};
+pub use backend::VhostUserDevice;
 pub use poll::MAX_WINDOW as MAX_POLL_WINDOW;
+pub use server::{serve, serve_all, Served, VhostUserError, VhostUserServer};
 
 /// Tests that count the process's device threads run one at a time.
 #[cfg(test)]
