@@ -2,8 +2,9 @@
 //!
 //! `process_queue` parses each chain ([`request`], pure) and hands checked requests to the
 //! I/O threads ([`pool`], shared by the disks of a VM; [`io`] does the I/O), so slow file
-//! I/O never stalls the event loop serving other devices. The workers write data and status into guest memory and signal
-//! an eventfd ([`VirtioDevice::backend_fd`]); `process_backend` then returns the chains.
+//! I/O never stalls the event loop serving other devices. The I/O threads write data and
+//! status into guest memory and signal an eventfd ([`VirtioDevice::backend_fd`]);
+//! `process_backend` then returns the chains.
 //! A small request the driver waits on alone is answered at once where that cannot stall
 //! anything ([`inline`]): the hand-off costs more than the work.
 
@@ -32,7 +33,7 @@ use self::inline::InlineWrites;
 use self::io::{Disk, DiskSource, Done, Job};
 pub use self::media::MediaSlot;
 use self::pool::Worker;
-pub use self::pool::{IoPool, IoSetup, MAX_THREADS, THREADS_PER_DISK};
+pub use self::pool::{IoPool, IoSetup, THREADS_PER_DISK};
 use self::request::{DiskInfo, Op, Parsed, ID_LEN, MAX_RANGE_SECTORS, SECTOR_SIZE};
 use crate::rate_limit::{Limiter, RateLimit, RateLimitError};
 use crate::virtio::{
