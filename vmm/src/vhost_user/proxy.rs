@@ -12,8 +12,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
-
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const HEADER: usize = 12;
@@ -103,68 +102,97 @@ fn ack(request: u32) -> Message {
     }
 }
 
-/// Relays between `frontend` and `backend` until either side closes; then closes both.
+/// Relays between `frontend` and `backend`, both ways on the calling thread, until either
+/// side closes; then closes both.
 pub fn relay(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
-    let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
-    let (b, f) = (backend.try_clone()?, to_frontend.clone());
-    let replies = std::thread::Builder::new()
-        .name("vu-relay".into())
-        .spawn(move || {
-            while let Ok(Some(msg)) = recv(&b) {
-                let front = f.lock().unwrap_or_else(|p| p.into_inner());
-                if send(&front, &msg).is_err() {
-                    break;
-                }
-            }
-            let _ = b.shutdown(Shutdown::Both);
-            let front = f.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = front.shutdown(Shutdown::Both);
-        })?;
-    let forwarded = forward(&frontend, &backend, &to_frontend);
-    // Whichever way forwarding ended, the reply thread ends with the sockets.
+    let relayed = pump(&frontend, &backend);
     let _ = frontend.shutdown(Shutdown::Both);
     let _ = backend.shutdown(Shutdown::Both);
-    let _ = replies.join();
-    forwarded
+    relayed
 }
 
-/// Forwards the frontend's messages to the back end until either side closes, holding
-/// back a vring enable that comes before the features (see the module's doc).
-fn forward(
-    frontend: &UnixStream,
-    backend: &UnixStream,
-    to_frontend: &Mutex<UnixStream>,
-) -> io::Result<()> {
-    let mut features_set = false;
-    let mut deferred: Vec<Message> = Vec::new();
-    while let Ok(Some(mut msg)) = recv(frontend) {
+const FRONT: u64 = 0;
+const BACK: u64 = 1;
+
+/// Moves each message as its side becomes readable: the frontend's to the back end (see
+/// [`Early`]), the back end's replies to the frontend. Messages are a few hundred bytes,
+/// so a send never waits on a peer that waits on us.
+fn pump(frontend: &UnixStream, backend: &UnixStream) -> io::Result<()> {
+    let epoll = Epoll::new()?;
+    for (side, token) in [(frontend, FRONT), (backend, BACK)] {
+        let event = EpollEvent::new(EventSet::IN, token);
+        epoll.ctl(ControlOperation::Add, side.as_raw_fd(), event)?;
+    }
+    let mut early = Early::default();
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for event in &events[..n] {
+            let (from, to) = match event.data() {
+                FRONT => (frontend, backend),
+                _ => (backend, frontend),
+            };
+            // Either side closing (or breaking the protocol) ends the relay.
+            let Ok(Some(msg)) = recv(from) else {
+                return Ok(());
+            };
+            let sent = match event.data() {
+                FRONT => early.forward(msg, frontend, backend)?,
+                _ => send(to, &msg).is_ok(),
+            };
+            if !sent {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The vring enables that came before the features (see the module's doc).
+#[derive(Default)]
+struct Early {
+    features_set: bool,
+    deferred: Vec<Message>,
+}
+
+impl Early {
+    /// Forwards one of the frontend's messages to the back end, or holds it back; `false`
+    /// where the back end is gone.
+    fn forward(
+        &mut self,
+        mut msg: Message,
+        frontend: &UnixStream,
+        backend: &UnixStream,
+    ) -> io::Result<bool> {
         match msg.request() {
-            SET_VRING_ENABLE if !features_set => {
+            SET_VRING_ENABLE if !self.features_set => {
                 // Too early for the library: acknowledge it here, replay it later without
                 // asking the library for a second acknowledgement.
                 if msg.flags() & FLAG_NEED_REPLY != 0 {
-                    let front = to_frontend.lock().unwrap_or_else(|p| p.into_inner());
-                    send(&front, &ack(SET_VRING_ENABLE))?;
+                    send(frontend, &ack(SET_VRING_ENABLE))?;
                     let flags = msg.flags() & !FLAG_NEED_REPLY;
                     msg.bytes[4..8].copy_from_slice(&flags.to_le_bytes());
                 }
-                deferred.push(msg);
-                continue;
+                self.deferred.push(msg);
+                return Ok(true);
             }
-            SET_FEATURES => features_set = true,
+            SET_FEATURES => self.features_set = true,
             _ => {}
         }
         let replay = msg.request() == SET_FEATURES;
         if send(backend, &msg).is_err() {
-            break;
+            return Ok(false);
         }
         if replay {
-            for early in deferred.drain(..) {
+            for early in self.deferred.drain(..) {
                 send(backend, &early)?;
             }
         }
+        Ok(true)
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -185,8 +213,6 @@ mod tests {
 
     #[test]
     fn early_vring_enable_is_answered_and_the_rest_relayed_with_fds() {
-        // Its `vu-relay` thread would show in the thread counts of the servers' tests.
-        let _one_at_a_time = crate::vhost_user::TEST_SERVERS.lock();
         let (qemu, front) = UnixStream::pair().unwrap();
         let (back, daemon) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || relay(front, back));
@@ -229,7 +255,7 @@ mod tests {
     }
 
     /// A relay that cannot answer its frontend (gone before the acknowledgement) ends with
-    /// the error and still closes the back end's side and ends its reply thread.
+    /// the error, still closes the back end's side and leaves no thread.
     #[test]
     fn a_relay_that_fails_leaves_no_thread_and_closes_both_sides() {
         let _one_at_a_time = crate::vhost_user::TEST_SERVERS.lock();
