@@ -1,8 +1,9 @@
 //! The guest's serial console, kept in `console.log` beside the pod's state with a size cap:
 //! a guest that floods its console costs the host at most twice the cap on disk and a pipe's
 //! buffer in memory. The VM writes into a non-blocking pipe (a vCPU never waits for the disk,
-//! and its seccomp filter allows `write` alone); a thread of the shim moves the bytes into the
-//! file and, past the cap, starts a new one, keeping the previous as `console.log.1`.
+//! and its seccomp filter allows `write` alone; QEMU, given the pipe as its output, makes its
+//! UART wait instead); a thread of the shim moves the bytes into the file and, past the cap,
+//! starts a new one, keeping the previous as `console.log.1`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -34,6 +35,14 @@ impl Write for ConsoleWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+impl ConsoleWriter {
+    /// The pipe itself, for a VM process to write into: it waits while the pipe is full
+    /// instead of dropping bytes, so none are counted.
+    pub fn into_fd(self) -> OwnedFd {
+        self.pipe.into()
     }
 }
 

@@ -175,7 +175,12 @@ impl Pod {
         // Memory the guest frees goes back to the node (a virtio-balloon that never inflates).
         vm.free_page_reporting = true;
         let console = console::start(&p.dir.join(CONSOLE_LOG), cfg.console_log_kib << 10)?;
-        vm.serial_output = SerialOutput::Writer(Box::new(console));
+        vm.serial_output = match backend {
+            // QEMU writes into the console's pipe itself (no thread to copy its output),
+            // waiting while the pipe is full.
+            vmm::doctor::Backend::Qemu => SerialOutput::Fd(console.into_fd()),
+            vmm::doctor::Backend::Builtin => SerialOutput::Writer(Box::new(console)),
+        };
         // Image slots (sparse placeholders fix their capacity) and the shared scratch disk.
         let mut slots = Vec::new();
         for i in 0..cfg.disk_slots {

@@ -209,6 +209,7 @@ fn attach_legacy_devices(
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Sink => Box::new(std::io::sink()),
         SerialOutput::Writer(w) => w,
+        SerialOutput::Fd(fd) => Box::new(std::fs::File::from(fd)),
         SerialOutput::File(path) => Box::new(
             OpenOptions::new()
                 .create(true)

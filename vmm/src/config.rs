@@ -155,7 +155,14 @@ pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 no_timer_check 
 pub enum SerialOutput {
     Stdout,
     File(PathBuf),
+    /// Bytes handed to a writer in the VMM's process (on the qemu back end, by a thread
+    /// that reads QEMU's output).
     Writer(Box<dyn Write + Send>),
+    /// A descriptor the console is written to directly: the builtin VMM's serial writes
+    /// into it, and QEMU gets it as its output, so the bytes take no extra hop. A pipe
+    /// that is full and non-blocking makes the builtin VMM drop what does not fit and
+    /// QEMU's UART wait until there is room.
+    Fd(std::os::fd::OwnedFd),
     Sink,
 }
 
@@ -165,6 +172,7 @@ impl std::fmt::Debug for SerialOutput {
             Self::Stdout => f.write_str("Stdout"),
             Self::File(p) => write!(f, "File({})", p.display()),
             Self::Writer(_) => f.write_str("Writer"),
+            Self::Fd(fd) => write!(f, "Fd({fd:?})"),
             Self::Sink => f.write_str("Sink"),
         }
     }

@@ -80,6 +80,14 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// guest a periodic tick.
 const TCG_LAPIC_KHZ: u32 = 1_000_000;
 
+/// What QEMU's standard output is.
+enum Stdout {
+    Inherit,
+    /// A pipe whose bytes a thread copies to the writer.
+    Copied(Box<dyn Write + Send>),
+    Fd(OwnedFd),
+}
+
 /// A running QEMU with its device servers.
 #[derive(Debug)]
 pub struct QemuVm {
@@ -290,9 +298,9 @@ impl QemuVm {
         }
         let output = std::mem::replace(&mut config.serial_output, SerialOutput::Sink);
         let mut output_file = SerialOutput::Sink;
-        let (serial, writer) = match output {
-            SerialOutput::Stdout => ("stdio".to_string(), None),
-            SerialOutput::Sink => ("null".to_string(), None),
+        let (serial, stdout) = match output {
+            SerialOutput::Stdout => ("stdio".to_string(), Stdout::Inherit),
+            SerialOutput::Sink => ("null".to_string(), Stdout::Inherit),
             SerialOutput::File(p) => {
                 // Made here, so that the jail can hold this one file.
                 std::fs::File::create(&p).map_err(|source| QemuError::Jail {
@@ -302,9 +310,10 @@ impl QemuVm {
                 let p = absolute(&p)?;
                 let serial = format!("file:{}", p.display());
                 output_file = SerialOutput::File(p);
-                (serial, None)
+                (serial, Stdout::Inherit)
             }
-            SerialOutput::Writer(w) => ("stdio".to_string(), Some(w)),
+            SerialOutput::Writer(w) => ("stdio".to_string(), Stdout::Copied(w)),
+            SerialOutput::Fd(fd) => ("stdio".to_string(), Stdout::Fd(fd)),
         };
         args.push("-serial".into());
         args.push(serial);
@@ -346,9 +355,17 @@ impl QemuVm {
                 crate::confine::drop_all_capabilities()
             })
         };
-        if writer.is_some() {
-            cmd.stdout(Stdio::piped());
-        }
+        let writer = match stdout {
+            Stdout::Inherit => None,
+            Stdout::Copied(w) => {
+                cmd.stdout(Stdio::piped());
+                Some(w)
+            }
+            Stdout::Fd(fd) => {
+                cmd.stdout(Stdio::from(fd));
+                None
+            }
+        };
         log::debug!("starting {QEMU} {}", args.join(" "));
         crate::config::StartGate::pass(config.start_gate.take()).map_err(QemuError::StartGate)?;
         let mut child = crate::spawn::spawn(cmd).map_err(|source| QemuError::Spawn {
@@ -505,5 +522,30 @@ mod tests {
         let left = crate::vhost_user::device_threads();
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(socket_dirs(std::process::id()).len(), before);
+    }
+
+    /// A descriptor given as the console becomes QEMU's own output: the tiny guest's byte
+    /// arrives in the pipe with no thread of ours copying it, while QEMU runs.
+    #[test]
+    fn a_console_descriptor_is_written_by_qemu_itself() {
+        let (mut read, write) = std::io::pipe().unwrap();
+        let mut config = VmConfig::new(crate::guests::test_guest("hello"));
+        config.serial_output = SerialOutput::Fd(write.into());
+        let vm = QemuVm::start(config, Accel::Tcg { host_tsc_khz: None }).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            let _ = tx.send(read.read_exact(&mut byte).map(|()| byte[0]));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(30));
+        let copier = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .any(|c| c.trim() == "qemu-console");
+        // The PVH entry halts after its byte where QEMU's microvm has no i8042 to reset.
+        vm.kill();
+        assert_eq!(got.expect("the guest's byte").unwrap(), b'K');
+        assert!(!copier, "a qemu-console thread copies the output");
     }
 }
