@@ -82,17 +82,21 @@ impl Lane {
 #[derive(Debug, Default)]
 struct LaneState {
     outstanding: usize,
+    running: usize,
     changes: usize,
     long_change: bool,
 }
 
 impl LaneState {
+    /// A disk runs at most [`THREADS_PER_DISK`] jobs at once, as with threads of its own:
+    /// a busy disk leaves the rest of the pool to the others.
     fn may_start(&self, change: Change) -> bool {
-        match change {
-            Change::None => true,
-            Change::Short => !self.long_change,
-            Change::Long => self.changes == 0,
-        }
+        self.running < THREADS_PER_DISK
+            && match change {
+                Change::None => true,
+                Change::Short => !self.long_change,
+                Change::Long => self.changes == 0,
+            }
     }
 }
 
@@ -135,8 +139,8 @@ impl JobQueue {
         Ok(())
     }
 
-    /// The next job in arrival order that may start beside the changes under way on its
-    /// lane, waiting for one; `None` once the queue is closed and empty. The caller reports
+    /// The next job in arrival order that may start beside what its lane runs, waiting
+    /// for one; `None` once the queue is closed and empty. The caller reports
     /// the job's end with [`JobQueue::finished`].
     fn pop(&self) -> Option<(Arc<Lane>, Job)> {
         let mut q = self.lock();
@@ -149,6 +153,7 @@ impl JobQueue {
             });
             if let Some((lane, job)) = next.and_then(|i| jobs.remove(i)) {
                 if let Some(l) = lanes.get_mut(&lane.key) {
+                    l.running += 1;
                     match job.change() {
                         Change::None => {}
                         Change::Short => l.changes += 1,
@@ -164,19 +169,20 @@ impl JobQueue {
         }
     }
 
-    /// A job taken by `pop` is done: the changes it held back may start.
+    /// A job taken by `pop` is done: the jobs of its lane it held back may start.
     fn finished(&self, key: u64, change: Change) {
         let mut q = self.lock();
         let Some(l) = q.lanes.get_mut(&key) else {
             return;
         };
         l.outstanding = l.outstanding.saturating_sub(1);
+        l.running = l.running.saturating_sub(1);
         if change != Change::None {
             l.changes = l.changes.saturating_sub(1);
             l.long_change &= change != Change::Long;
         }
         let settled = l.outstanding == 0;
-        let waiting = change != Change::None && !q.jobs.is_empty();
+        let waiting = !q.jobs.is_empty();
         drop(q);
         if waiting {
             self.ready.notify_one();
@@ -378,7 +384,6 @@ mod tests {
             (1, WRITE, 4096),
             (2, READ, 4096),
             (3, discard, 0),
-            (4, READ, 1 << 20),
         ] {
             q.push(&a, job(head, op, len)).unwrap();
         }
@@ -386,7 +391,10 @@ mod tests {
         // The long write starts; the short write waits for it, reads do not.
         assert_eq!(pop(), 0);
         assert_eq!(pop(), 2);
+        q.finished(a.key, Change::None);
+        q.push(&a, job(4, READ, 1 << 20)).unwrap();
         assert_eq!(pop(), 4);
+        q.finished(a.key, Change::None);
         q.finished(a.key, Change::Long);
         // Short changes may run side by side, but not beside a long one.
         assert_eq!(pop(), 1);
@@ -416,6 +424,25 @@ mod tests {
         assert_eq!(pop(), (b.key, 3));
         q.finished(a.key, Change::Long);
         assert_eq!(pop(), (a.key, 1));
+    }
+
+    #[test]
+    fn a_busy_disk_runs_no_more_jobs_at_once_than_with_threads_of_its_own() {
+        let (q, a, b) = (JobQueue::default(), lane(), lane());
+        for head in 0..3 {
+            q.push(&a, job(head, READ, 512)).unwrap();
+        }
+        q.push(&b, job(3, READ, 512)).unwrap();
+        let pop = || {
+            let (lane, job) = q.pop().unwrap();
+            (lane.key, job.head)
+        };
+        assert_eq!(THREADS_PER_DISK, 2);
+        assert_eq!(pop(), (a.key, 0));
+        assert_eq!(pop(), (a.key, 1));
+        assert_eq!(pop(), (b.key, 3), "a's third read waits for one of its two");
+        q.finished(a.key, Change::None);
+        assert_eq!(pop(), (a.key, 2));
     }
 
     #[test]
